@@ -1,0 +1,249 @@
+"""Typed run configuration: YAML file + dotted overrides, validated before any actor starts."""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+EMBEDDED_MODEL = "embedded"  # the tiny warm-started default built locally by aapo_ray.models
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    """The policy to train (its initial weights also make the frozen reference)."""
+
+    path: str = EMBEDDED_MODEL  # a local HF directory, or "embedded"
+    trust_remote_code: bool = False
+    allow_pickle: bool = False  # load .bin (pickle) weights; safetensors only by default
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+class DataConfig(Section):
+    """Where prompts come from and how they are rendered."""
+
+    train: str = "synthetic:train"  # jsonl / parquet / HF datasets dir, or synthetic:<split>
+    eval: str | None = "synthetic:test"
+    format: Literal["raw", "gsm8k", "math"] = "raw"
+    question_field: str = "question"
+    answer_field: str = "answer"
+    id_field: str | None = None
+    template: str | None = None  # "{question}" format string; None = dataset default
+    chat_template: bool = False  # render with the tokenizer's chat template
+    system_prompt: str | None = None
+    bad_rows: Literal["skip", "fail"] = "skip"
+    eval_limit: int | None = Field(200, ge=1)
+
+
+class RewardConfig(Section):
+    """Weighted rule-based rewards, scored in bounded time by RewardScorer actors."""
+
+    functions: dict[str, float] = {"accuracy": 1.0}  # registry name or "pkg.module:fn" -> weight
+    timeout_s: float = Field(5.0, gt=0)
+    num_scorers: int = Field(1, ge=1)
+    workers_per_scorer: int = Field(1, ge=1)
+    cpus_per_scorer: float = Field(0.25, ge=0)
+
+
+class AlgoConfig(Section):
+    """Advantage estimator and loss (docs/aapo-spec.md section 5)."""
+
+    estimator: Literal["aapo", "gpg", "grpo", "dr_grpo"] = "aapo"
+    group_size: int = Field(6, ge=1)
+    scale_rewards: bool = True
+    margin_clip: tuple[float, float] | None = (0.2, 0.28)
+    clip_eps: float = Field(0.2, gt=0)  # grpo / dr_grpo surrogate
+    kl_beta: float = Field(0.0, ge=0)  # grpo / dr_grpo KL to the reference; 0 = no KL model needed
+
+
+class RolloutConfig(Section):
+    """Sampling, shared by the policy and reference pools."""
+
+    backend: Literal["hf", "sglang"] = "hf"
+    prompts_per_step: int = Field(8, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(32, ge=1)
+    max_prompt_tokens: int = Field(512, ge=1)
+    policy_replicas: int = Field(1, ge=1)
+    reference_replicas: int = Field(1, ge=1)
+    gpus_per_replica: float = Field(0.0, ge=0)
+    cpus_per_replica: float = Field(0.5, ge=0)
+    generation_batch_size: int = Field(64, ge=1)  # completions per generate call (hf backend)
+    sglang_mem_fraction: float = Field(0.6, gt=0, le=1)
+
+
+class LearnerConfig(Section):
+    """DeepSpeed learners in one torch.distributed group."""
+
+    num_learners: int = Field(1, ge=1)
+    zero_stage: Literal[0, 1, 2, 3] = 1
+    lr: float = Field(1e-6, gt=0)
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = Field(1.0, gt=0)
+    micro_batch_size: int = Field(16, ge=1)  # sequences per forward/backward on one learner
+    gpus_per_learner: float = Field(0.0, ge=0)
+    cpus_per_learner: float = Field(0.5, ge=0)
+    offload_optimizer: bool = False
+    bf16: bool = False
+    sync_bucket_mb: float = Field(64.0, gt=0)
+    collective_timeout_s: float = Field(600.0, gt=0)
+
+
+class RunConfig(Section):
+    """The loop: length, seeds, evaluation, checkpoints, logging."""
+
+    steps: int = Field(40, ge=1)
+    seed: int = 0
+    output_dir: str = "runs"
+    name: str | None = None  # run directory name; default: time stamp
+    eval_every: int = Field(10, ge=0)  # 0 = only at start and end
+    eval_temperature: float = Field(1.0, ge=0)  # 0 = greedy
+    eval_samples: int = Field(1, ge=1)
+    save_every: int = Field(20, ge=0)  # 0 = only at the end
+    keep_checkpoints: int = Field(2, ge=1)
+    torch_threads: int = Field(1, ge=1)  # per actor; keep cores for the other roles
+
+
+class RayConfig(Section):
+    """Where the actors run."""
+
+    address: str | None = None  # None: start a local cluster; "auto" or ray://... to join
+    num_cpus: int | None = None  # for a local cluster
+    namespace: str = "aapo"
+    role_resources: dict[str, dict[str, float]] = {}  # e.g. {"scorer": {"cpu_pool": 0.1}}
+
+
+class Config(Section):
+    """A whole run. Build with :func:`load_config`."""
+
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    reward: RewardConfig = RewardConfig()
+    algo: AlgoConfig = AlgoConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    learner: LearnerConfig = LearnerConfig()
+    run: RunConfig = RunConfig()
+    ray: RayConfig = RayConfig()
+
+    @model_validator(mode="after")
+    def _combinations(self) -> "Config":
+        algo, roll, learn = self.algo, self.rollout, self.learner
+        if algo.scale_rewards and algo.group_size < 2:
+            raise ValueError("algo.group_size=1 with algo.scale_rewards=true: the std of one sample is "
+                             "undefined; use group_size >= 2 or scale_rewards=false")
+        if algo.margin_clip is not None and min(algo.margin_clip) < 0:
+            raise ValueError(f"algo.margin_clip bounds are magnitudes >= 0, got {algo.margin_clip}")
+        if algo.kl_beta > 0 and algo.estimator in ("aapo", "gpg"):
+            raise ValueError(f"algo.kl_beta applies to grpo/dr_grpo; AAPO has no KL term (spec section 4)")
+        if roll.backend == "sglang" and roll.gpus_per_replica <= 0:
+            raise ValueError("rollout.backend=sglang needs rollout.gpus_per_replica > 0 (SGLang runs on GPUs)")
+        if (roll.prompts_per_step * algo.group_size) % learn.num_learners:
+            raise ValueError(f"rollout.prompts_per_step * algo.group_size = {roll.prompts_per_step * algo.group_size}"
+                             f" completions do not split evenly over learner.num_learners={learn.num_learners}")
+        if learn.zero_stage == 3:
+            raise ValueError("learner.zero_stage=3 is not supported yet (weight export gathers full "
+                             "parameters from ZeRO-1/2); use 1 or 2")
+        if learn.bf16 and learn.gpus_per_learner == 0:
+            raise ValueError("learner.bf16=true needs GPUs (learner.gpus_per_learner > 0); CPU training is fp32")
+        if learn.offload_optimizer and learn.zero_stage == 0:
+            raise ValueError("learner.offload_optimizer needs learner.zero_stage 1 or 2")
+        return self
+
+    @property
+    def completions_per_step(self) -> int:
+        return self.rollout.prompts_per_step * self.algo.group_size
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names each field and the fix."""
+
+
+def _field_names(model: type[BaseModel], path: tuple) -> list[str]:
+    for key in path:
+        field = model.model_fields.get(str(key))
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return []
+        model = field.annotation
+    return list(model.model_fields)
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            known = _field_names(Config, e["loc"][:-1])
+            hint = difflib.get_close_matches(str(e["loc"][-1]), known, n=1)
+            msg = f"unknown key" + (f"; did you mean {hint[0]!r}?" if hint else f"; known keys: {', '.join(known)}")
+        elif e["type"] not in ("value_error",):
+            msg += f" (got {e.get('input')!r})"
+        lines.append(f"  {loc or 'config'}: {msg}")
+    return "invalid config:\n" + "\n".join(lines)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``"algo.group_size=8"`` -> (["algo", "group_size"], 8); values parse as YAML."""
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r} is not KEY=VALUE (e.g. algo.group_size=8)")
+    return key.strip().split("."), yaml.safe_load(value) if value.strip() else None
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = raw
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {k!r} is not a section")
+        node[keys[-1]] = value
+    return raw
+
+
+def validate(raw: dict) -> Config:
+    """Validate a raw dict; reward functions must resolve (import paths are imported here)."""
+    try:
+        cfg = Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err)) from None
+    from aapo_ray.reward import resolve_reward_fn
+
+    for name in cfg.reward.functions:
+        try:
+            resolve_reward_fn(name)
+        except Exception as exc:  # noqa: BLE001 - surface any import problem as a config error
+            raise ConfigError(f"invalid config:\n  reward.functions.{name}: {exc}") from None
+    return cfg
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> Config:
+    """Read YAML (optional), apply dotted overrides, validate. Raises :class:`ConfigError`."""
+    raw: dict = {}
+    if path is not None:
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(raw).__name__}")
+    return validate(apply_overrides(raw, list(overrides)))
+
+
+def dump_config(cfg: Config) -> str:
+    """The resolved config as YAML (written into every run directory)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,129 @@
+"""Policy generators: Ray actors that sample completions and return Arrow rollout batches.
+
+A :class:`GeneratorPool` owns ``replicas`` :class:`GeneratorActor` s, spreads a step's prompt
+groups over them, and pushes new weights to every replica after each learner update. The
+frozen reference pool (:mod:`aapo_ray.reference`) is the same actor that never takes weights.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pyarrow as pa
+import ray
+
+from aapo_ray.backends import SamplingParams, make_backend
+from aapo_ray.config import Config
+from aapo_ray.launch import setup_actor_process
+from aapo_ray.rollout import make_rollout_batch
+
+PROMPT_SCHEMA = pa.schema([
+    pa.field("prompt_id", pa.int64()),
+    pa.field("prompt_ids", pa.list_(pa.int32())),
+    pa.field("prompt", pa.string()),
+    pa.field("gold", pa.string()),
+])
+
+
+class GeneratorActor:
+    """One generation replica (hf or sglang backend) holding a versioned copy of the weights."""
+
+    def __init__(self, cfg: Config, model_path: str, role: str, replica: int):
+        setup_actor_process(cfg.run.torch_threads)
+        self.role, self.replica = role, replica
+        self.group_size = cfg.algo.group_size
+        self.backend = make_backend(
+            cfg.rollout.backend, model_path, trust_remote_code=cfg.model.trust_remote_code,
+            dtype=cfg.model.dtype, allow_pickle=cfg.model.allow_pickle,
+            batch_size=cfg.rollout.generation_batch_size, mem_fraction=cfg.rollout.sglang_mem_fraction,
+            seed=cfg.run.seed)
+        self.weight_version = 0
+
+    def ready(self) -> dict:
+        return {"role": self.role, "replica": self.replica, "version": self.weight_version}
+
+    def generate(self, prompts: pa.RecordBatch, first_group: int, n: int, params: SamplingParams) -> pa.RecordBatch:
+        """``n`` samples for every prompt row; rows ordered (group, sample)."""
+        start = time.perf_counter()
+        prompt_lists = prompts.column("prompt_ids").to_pylist()
+        repeated = [p for p in prompt_lists for _ in range(n)]
+        out = self.backend.generate(repeated, params)
+        rows = np.repeat(np.arange(prompts.num_rows), n)
+        batch = make_rollout_batch(
+            prompt_ids=repeated, completion_ids=out.token_ids,
+            prompt_id=prompts.column("prompt_id").to_numpy()[rows],
+            group_index=rows + first_group, sample_index=np.tile(np.arange(n), prompts.num_rows),
+            prompt=prompts.column("prompt").take(pa.array(rows)).to_pylist(),
+            completion=out.texts, gold=prompts.column("gold").take(pa.array(rows)).to_pylist(),
+            finish_reason=out.finish_reasons, weight_version=self.weight_version)
+        elapsed = time.perf_counter() - start
+        return batch.replace_schema_metadata({"generate_s": str(elapsed)})
+
+    def update_weights(self, buckets: list, version: int) -> int:
+        """Copy learner weights (bucket ObjectRefs, resolved here) into the backend."""
+        if self.role == "reference":
+            raise RuntimeError("the reference pool is frozen: it never takes weights (AAPO spec section 1)")
+        buckets = [ray.get(b) if isinstance(b, ray.ObjectRef) else b for b in buckets]
+        loaded = self.backend.load_weights(buckets)
+        self.weight_version = version
+        return loaded
+
+    def logits(self, input_ids):
+        return self.backend.logits(input_ids)
+
+    def sleep(self) -> None:
+        self.backend.sleep()
+
+    def wake(self) -> None:
+        self.backend.wake()
+
+
+class GeneratorPool:
+    """Driver-side handle on ``replicas`` generator actors of one role."""
+
+    role = "policy"
+
+    def __init__(self, cfg: Config, model_path: str, replicas: int | None = None):
+        roll = cfg.rollout
+        self.cfg = cfg
+        replicas = replicas or roll.policy_replicas
+        resources = cfg.ray.role_resources.get(self.role, {})
+        actor_cls = ray.remote(GeneratorActor).options(
+            num_cpus=roll.cpus_per_replica, num_gpus=roll.gpus_per_replica, resources=resources or None,
+            max_restarts=2, max_task_retries=0)
+        self.actors = [actor_cls.remote(cfg, model_path, self.role, i) for i in range(replicas)]
+        ray.get([a.ready.remote() for a in self.actors])
+
+    def sampling(self, seed: int, *, temperature: float | None = None) -> SamplingParams:
+        roll = self.cfg.rollout
+        return SamplingParams(temperature=roll.temperature if temperature is None else temperature,
+                              top_p=roll.top_p, max_new_tokens=roll.max_new_tokens, seed=seed)
+
+    def generate(self, prompts: pa.RecordBatch, n: int, params: SamplingParams) -> list[ray.ObjectRef]:
+        """Spread prompt groups over replicas in contiguous chunks; refs come back in group order."""
+        chunks = np.array_split(np.arange(prompts.num_rows), len(self.actors))
+        refs = []
+        for i, (actor, rows) in enumerate(zip(self.actors, chunks)):
+            if len(rows):
+                chunk = prompts.slice(int(rows[0]), len(rows))
+                replica_params = SamplingParams(**{**params.__dict__, "seed": None if params.seed is None else params.seed + 7919 * i})
+                refs.append(actor.generate.remote(chunk, int(rows[0]), n, replica_params))
+        return refs
+
+    def update_weights(self, buckets: list[ray.ObjectRef], version: int) -> None:
+        ray.get([a.update_weights.remote(buckets, version) for a in self.actors])
+
+    def shutdown(self) -> None:
+        for a in self.actors:
+            ray.kill(a)
+        self.actors = []
+
+
+def make_prompt_batch(prompt_ids: list, token_ids: list[list[int]], prompts: list[str], golds: list[str]) -> pa.RecordBatch:
+    """The request a pool samples from: one row per prompt."""
+    from aapo_ray.rollout import token_list_array
+
+    return pa.RecordBatch.from_arrays(
+        [pa.array(np.asarray(prompt_ids, dtype=np.int64)), token_list_array(token_ids),
+         pa.array(prompts, pa.string()), pa.array(golds, pa.string())], schema=PROMPT_SCHEMA)

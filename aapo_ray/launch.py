@@ -1,0 +1,45 @@
+"""Starting or joining a Ray cluster, and the per-actor process setup every role shares."""
+
+from __future__ import annotations
+
+import os
+
+# Keep every port of a local cluster on 127.0.0.1 (set before ray is imported anywhere).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+import ray  # noqa: E402
+
+# Environment every actor process gets: deterministic, quiet, bounded thread pools.
+ACTOR_ENV = {
+    "TOKENIZERS_PARALLELISM": "false",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"),
+    "PYTHONWARNINGS": "ignore::FutureWarning,ignore::UserWarning",
+}
+
+
+def init_ray(address: str | None = None, *, num_cpus: int | None = None, namespace: str = "aapo",
+             torch_threads: int = 1) -> None:
+    """Join ``address`` (``"auto"``, ``ray://host:10001``) or start a local cluster on 127.0.0.1.
+
+    Idempotent: a process that is already connected keeps its connection.
+    """
+    if ray.is_initialized():
+        return
+    env = dict(ACTOR_ENV, OMP_NUM_THREADS=str(torch_threads), MKL_NUM_THREADS=str(torch_threads))
+    if "TORCH_EXTENSIONS_DIR" in os.environ:
+        env["TORCH_EXTENSIONS_DIR"] = os.environ["TORCH_EXTENSIONS_DIR"]
+    kwargs = dict(namespace=namespace, runtime_env={"env_vars": env}, log_to_driver=True)
+    if address is None:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", **kwargs)
+    else:
+        ray.init(address=address, **kwargs)
+
+
+def setup_actor_process(torch_threads: int, seed: int | None = None) -> None:
+    """Called first in every actor: bound torch's threads (2 cores are shared by all roles) and seed."""
+    import torch
+
+    torch.set_num_threads(torch_threads)
+    if seed is not None:
+        torch.manual_seed(seed)

@@ -1,0 +1,22 @@
+"""The frozen reference pool AAPO samples from (docs/aapo-spec.md section 1).
+
+Same actor as the policy generators, loaded from the initial weights and never synced: the
+margin compares each policy sample with the index-aligned sample of this frozen model.
+"""
+
+from __future__ import annotations
+
+from aapo_ray.config import Config
+from aapo_ray.generator import GeneratorPool
+
+
+class ReferencePool(GeneratorPool):
+    """``rollout.reference_replicas`` generators on the initial weights; ``update_weights`` refuses."""
+
+    role = "reference"
+
+    def __init__(self, cfg: Config, model_path: str):
+        super().__init__(cfg, model_path, replicas=cfg.rollout.reference_replicas)
+
+    def update_weights(self, buckets, version):  # noqa: ARG002
+        raise RuntimeError("the reference pool is frozen: it never takes weights (AAPO spec section 1)")
