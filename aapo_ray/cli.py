@@ -29,7 +29,22 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a config and print it resolved")
     check.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     check.add_argument("--config")
+
+    # Subcommands owned by other modules: each has add_parser(subparsers) that sets func=run(args) -> int.
+    import importlib
+
+    for name in SUBCOMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            continue
+        module.add_parser(sub)
     return parser
+
+
+SUBCOMMAND_MODULES = ("aapo_ray.serve", "aapo_ray.submit")
 
 
 def resolve_train_config(args: argparse.Namespace):
@@ -49,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        if hasattr(args, "func"):
+            return args.func(args)
         if args.command == "train":
             cfg = resolve_train_config(args)
             from aapo_ray.driver import train

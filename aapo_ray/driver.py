@@ -81,8 +81,8 @@ def train(cfg: Config, *, run_dir: str | Path | None = None, resume: bool = Fals
                 ref_batch = concat(batches[n_policy:]) if reference else None
                 t_rollout = time.perf_counter()
 
-                rewards = torch.from_numpy(column_numpy(rollouts, "reward"))
-                ref_rewards = torch.from_numpy(_aligned_rewards(rollouts, ref_batch)) if reference else None
+                rewards = torch.tensor(column_numpy(rollouts, "reward"))
+                ref_rewards = torch.tensor(_aligned_rewards(rollouts, ref_batch)) if reference else None
                 advantages = estimator.advantages(rewards, ref_rewards, group_size, scale_rewards=cfg.algo.scale_rewards,
                                                   margin_clip=margin_clip)
                 batch = with_columns(rollouts, advantage=advantages)

@@ -13,7 +13,7 @@ import ray  # noqa: E402
 ACTOR_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
     "TRANSFORMERS_VERBOSITY": "error",
-    "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"),
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # no per-actor "Loading weights" bars
     "PYTHONWARNINGS": "ignore::FutureWarning,ignore::UserWarning",
 }
 

@@ -1,0 +1,408 @@
+"""DeepSpeed learners: one engine per rank of a torch.distributed group (gloo on CPU, NCCL on GPU).
+
+A :class:`LearnerGroup` (driver side) starts ``learner.num_learners`` :class:`LearnerActor` s, gives
+each its equal slice of a step's rollout batch and collects metrics. Gradients are exact sums
+over the whole batch (split invariance, see :mod:`aapo_ray.algo`): every micro-batch loss is a
+partial sum divided by the step's global ``loss_denominator``, and is multiplied by
+``world_size * gradient_accumulation_steps`` to undo DeepSpeed's averaging over ranks and
+micro-batches. Weights leave rank 0 in flat per-dtype buckets (:func:`load_weight_buckets`
+puts them into a generator's model). ZeRO stages 0-2 keep full parameters on every rank.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import math
+import os
+import resource
+import socket
+import time
+from typing import Callable, Iterable
+
+import numpy as np
+import pyarrow as pa
+import ray
+import torch
+
+from aapo_ray.algo import get_estimator, grpo_loss, token_logprobs
+from aapo_ray.config import Config
+from aapo_ray.launch import setup_actor_process
+from aapo_ray.rollout import column_numpy, padded_tensors, shard
+
+CHECKPOINT_TAG = "deepspeed"  # engine.save_checkpoint(path, tag) writes path/deepspeed/...
+REQUIRED_COLUMNS = ("prompt_ids", "completion_ids", "advantage")
+
+
+class LearnerError(RuntimeError):
+    """A learner rank failed; the message names the rank and the call."""
+
+
+# ----------------------------------------------------------------------------- config helpers
+def rows_per_learner(cfg: Config) -> int:
+    """Rollout rows each rank trains on per step."""
+    return cfg.completions_per_step // cfg.learner.num_learners
+
+
+def accumulation_steps(cfg: Config) -> int:
+    """Micro-batches per rank per step: ``ceil(rows_per_learner / micro_batch_size)``."""
+    return math.ceil(rows_per_learner(cfg) / cfg.learner.micro_batch_size)
+
+
+def check_rows(batch: pa.RecordBatch, cfg: Config, *, whole_step: bool = False) -> None:
+    """Raise ValueError unless ``batch`` has the learner columns, finite advantages and the row
+    count of one learner's shard (or of the whole step)."""
+    missing = [c for c in REQUIRED_COLUMNS if c not in batch.schema.names]
+    if missing:
+        raise ValueError(f"rollout batch lacks columns {missing} (has {batch.schema.names})")
+    expected = cfg.completions_per_step if whole_step else rows_per_learner(cfg)
+    if batch.num_rows != expected:
+        what = "per step" if whole_step else "per learner"
+        raise ValueError(f"got {batch.num_rows} rows, expected {expected} {what} (rollout.prompts_per_step * "
+                         f"algo.group_size{'' if whole_step else ' / learner.num_learners'}); the DeepSpeed "
+                         f"accumulation steps are fixed at {accumulation_steps(cfg)}")
+    bad = int((~np.isfinite(column_numpy(batch, "advantage"))).sum())
+    if bad:
+        raise ValueError(f"{bad} of {batch.num_rows} advantages are NaN or infinite")
+
+
+def lr_lambda(schedule: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """LR multiplier per optimizer step, as HF's ``get_{constant,cosine}_schedule_with_warmup``
+    (linear warm-up from 0, then constant or cosine decay to 0 at ``total_steps``)."""
+    def fn(step: int) -> float:
+        if step < warmup_steps:
+            return step / max(1, warmup_steps)
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return fn
+
+
+def deepspeed_config(cfg: Config) -> dict:
+    """The DeepSpeed config dict for ``cfg`` (fp32 on CPU; bf16 and optimizer offload need GPUs)."""
+    lc = cfg.learner
+    gpu = lc.gpus_per_learner > 0
+    gas = accumulation_steps(cfg)
+    zero: dict = {"stage": lc.zero_stage}
+    if lc.offload_optimizer and gpu:  # on CPU the optimizer already lives on the host: ignored
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    return {
+        "train_micro_batch_size_per_gpu": lc.micro_batch_size,
+        "gradient_accumulation_steps": gas,
+        "train_batch_size": lc.micro_batch_size * gas * lc.num_learners,
+        "gradient_clipping": lc.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": bool(lc.bf16 and gpu)},
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,  # keep the client torch AdamW even with offload
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+def _load_model(cfg: Config, model_path: str):
+    """(model, tokenizer) in float32; DeepSpeed casts to bf16 itself when enabled."""
+    from aapo_ray.models import load_model_and_tokenizer
+
+    return load_model_and_tokenizer(model_path, trust_remote_code=cfg.model.trust_remote_code,
+                                    dtype=torch.float32, allow_pickle=cfg.model.allow_pickle)
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+# ----------------------------------------------------------------------------- weight buckets
+def bucket_parameters(named: Iterable[tuple[str, torch.Tensor]], bucket_mb: float) -> list[tuple]:
+    """Group tensors into flat contiguous CPU buckets of <= ``bucket_mb`` MB per dtype.
+
+    Each bucket is ``(names, shapes, flat)``; a tensor larger than the limit gets its own bucket.
+    """
+    limit = int(bucket_mb * 2**20)
+    open_buckets: dict[torch.dtype, list] = {}
+    done: list[tuple] = []
+
+    def close(dtype):
+        items = open_buckets.pop(dtype)
+        flat = torch.cat([t.detach().reshape(-1) for _, t in items]).cpu()
+        done.append(([n for n, _ in items], [tuple(t.shape) for _, t in items], flat))
+
+    for name, tensor in named:
+        items = open_buckets.setdefault(tensor.dtype, [])
+        size = sum(t.numel() * t.element_size() for _, t in items)
+        if items and size + tensor.numel() * tensor.element_size() > limit:
+            close(tensor.dtype)
+            items = open_buckets.setdefault(tensor.dtype, [])
+        items.append((name, tensor))
+    for dtype in list(open_buckets):
+        close(dtype)
+    return done
+
+
+def load_weight_buckets(model: torch.nn.Module, buckets: list, *, strict: bool = True) -> int:
+    """Copy exported buckets (tuples or ObjectRefs to them) into ``model``'s parameters in place.
+
+    Checks every name and shape; with ``strict`` every parameter of ``model`` must be covered.
+    Tied parameters (embedding / lm_head) appear once, under their first name. Returns the
+    number of tensors loaded.
+    """
+    params = dict(model.named_parameters())
+    loaded: set[str] = set()
+    with torch.no_grad():
+        for bucket in buckets:
+            names, shapes, flat = ray.get(bucket) if isinstance(bucket, ray.ObjectRef) else bucket
+            sizes = [math.prod(s) for s in shapes]
+            if len(names) != len(shapes) or sum(sizes) != flat.numel():
+                raise ValueError(f"corrupt weight bucket: {len(names)} names, {len(shapes)} shapes, "
+                                 f"{flat.numel()} values for {sum(sizes)} expected")
+            for name, shape, part in zip(names, shapes, flat.split(sizes)):
+                if name not in params:
+                    raise ValueError(f"weight sync: the learner sent {name!r}, which this model does not "
+                                     f"have (different architecture or weight tying?)")
+                if tuple(params[name].shape) != tuple(shape):
+                    raise ValueError(f"weight sync: {name!r} has shape {tuple(shape)} from the learner "
+                                     f"but {tuple(params[name].shape)} here")
+                params[name].copy_(part.view(shape))
+                loaded.add(name)
+    missing = sorted(set(params) - loaded)
+    if strict and missing:
+        raise ValueError(f"weight sync: {len(missing)} parameters were not in the buckets, e.g. "
+                         f"{missing[:3]} (different architecture or weight tying?)")
+    return len(loaded)
+
+
+# ----------------------------------------------------------------------------- the actor
+class LearnerActor:
+    """One DeepSpeed engine on rank ``rank`` of ``world_size``. Create it with ``ray.remote``."""
+
+    def __init__(self, cfg: Config, model_path: str, rank: int, world_size: int):
+        gpu = cfg.learner.gpus_per_learner > 0
+        os.environ["DS_ACCELERATOR"] = "cuda" if gpu else "cpu"  # read when deepspeed is imported
+        setup_actor_process(cfg.run.torch_threads, seed=cfg.run.seed)
+        self.cfg, self.model_path = cfg, model_path
+        self.rank, self.world_size = rank, world_size
+        self.backend = "nccl" if gpu else "gloo"
+        self.engine = None
+
+    def master_address(self) -> tuple[str, int]:
+        """(node IP, free port) for the rendezvous; called on rank 0."""
+        host = ray.util.get_node_ip_address()
+        return host, _free_port(host)
+
+    def setup(self, master_addr: str, master_port: int) -> dict:
+        """Join the process group, load the model(s) and build the DeepSpeed engine."""
+        start = time.perf_counter()
+        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
+                          WORLD_SIZE=str(self.world_size), LOCAL_RANK="0")  # Ray shows each actor its own GPU
+        import deepspeed
+
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        if self.backend == "gloo":
+            # The shared-memory all-reduce op is only used for inference, never without LOCAL_SIZE;
+            # skipping it avoids a ~30-50 s JIT compile (and a gcc dependency) at first start.
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        else:
+            torch.cuda.set_device(0)
+        timeout = datetime.timedelta(seconds=self.cfg.learner.collective_timeout_s)
+        # DeepSpeed builds its data-parallel groups with new_group(ranks), which ignores the world
+        # group's timeout and takes torch's default (30 min gloo, 10 min NCCL): make that ours.
+        import torch.distributed.distributed_c10d as c10d
+
+        c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
+        deepspeed.init_distributed(dist_backend=self.backend, timeout=timeout, verbose=False,
+                                   auto_mpi_discovery=False)
+
+        lc, algo = self.cfg.learner, self.cfg.algo
+        model, self.tokenizer = _load_model(self.cfg, self.model_path)
+        model.train(False)  # no dropout: training log-probs must match the sampler's
+        self.pad_id = self.tokenizer.pad_token_id
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lc.lr, betas=tuple(lc.betas),
+                                      weight_decay=lc.weight_decay)
+        warmup = math.ceil(lc.warmup_ratio * self.cfg.run.steps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_lambda(lc.lr_schedule, warmup, self.cfg.run.steps))
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                    config=deepspeed_config(self.cfg))
+        self.device = self.engine.device
+        self.gas = accumulation_steps(self.cfg)
+        self.estimator = get_estimator(algo.estimator)
+        self.ref_model = None
+        if algo.kl_beta > 0:  # frozen initial policy for the grpo / dr_grpo KL term
+            self.ref_model = _load_model(self.cfg, self.model_path)[0].to(self.device)
+            self.ref_model.train(False).requires_grad_(False)
+            if lc.bf16 and lc.gpus_per_learner > 0:
+                self.ref_model.to(torch.bfloat16)
+        return {"rank": self.rank, "setup_s": time.perf_counter() - start}
+
+    def _loss_kwargs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
+        algo = self.cfg.algo
+        if self.estimator.loss is not grpo_loss:  # aapo / gpg take no extra arguments
+            return {}
+        kwargs = {"clip_eps": algo.clip_eps}
+        if self.ref_model is not None:
+            with torch.no_grad():
+                logits = self.ref_model(input_ids=input_ids, attention_mask=attention_mask).logits
+                kwargs.update(ref_logprobs=token_logprobs(logits[:, :-1], input_ids[:, 1:],
+                                                          self.cfg.rollout.temperature),
+                              kl_beta=algo.kl_beta)
+        return kwargs
+
+    def train_step(self, batch: pa.RecordBatch, loss_denominator: float) -> dict[str, float]:
+        """One optimizer step on this rank's rows; all ranks must call it together."""
+        start = time.perf_counter()
+        check_rows(batch, self.cfg)
+        if not loss_denominator > 0:
+            raise ValueError(f"loss_denominator must be > 0, got {loss_denominator}")
+        lr = float(self.engine.get_lr()[0])
+        steps_before = self.engine.global_steps
+        mbs, scale = self.cfg.learner.micro_batch_size, self.world_size * self.gas
+        loss_sum, tokens, grad_norm = 0.0, 0, None
+        for first in range(0, batch.num_rows, mbs):
+            micro = batch.slice(first, mbs)
+            t = padded_tensors(micro, self.pad_id)
+            ids, attn = t["input_ids"].to(self.device), t["attention_mask"].to(self.device)
+            mask = t["completion_mask"][:, 1:].to(self.device)
+            adv = torch.from_numpy(column_numpy(micro, "advantage").astype(np.float32)).to(self.device)
+            logits = self.engine(input_ids=ids, attention_mask=attn).logits
+            logprobs = token_logprobs(logits[:, :-1], ids[:, 1:], self.cfg.rollout.temperature)
+            loss = self.estimator.loss(logprobs, mask, adv, num_tokens=float(loss_denominator),
+                                       **self._loss_kwargs(ids, attn))
+            self.engine.backward(loss * scale)
+            if self.cfg.learner.zero_stage == 0 and first + mbs >= batch.num_rows:
+                grad_norm = self._reduced_grad_norm()  # DeepSpeed reports none without ZeRO
+            self.engine.step()
+            loss_sum += loss.item()
+            tokens += int(mask.sum().item())
+        if self.engine.global_steps != steps_before + 1:
+            raise RuntimeError(f"DeepSpeed took {self.engine.global_steps - steps_before} optimizer steps "
+                               f"for {self.gas} micro-batches; expected exactly 1")
+        if self.cfg.learner.zero_stage:
+            grad_norm = self.engine.get_global_grad_norm()
+        return {
+            "loss": loss_sum,
+            "grad_norm": float("nan") if grad_norm is None else float(grad_norm),
+            "lr": lr,
+            "tokens": float(tokens),
+            "step_s": time.perf_counter() - start,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        }
+
+    def _reduced_grad_norm(self) -> float:
+        grads = [p.grad.detach().float().norm() for p in self.engine.module.parameters() if p.grad is not None]
+        return torch.stack(grads).norm().item() if grads else 0.0
+
+    def export_weights(self, bucket_mb: float) -> list[ray.ObjectRef]:
+        """Full parameters in flat per-dtype buckets, each ``ray.put`` (call on rank 0)."""
+        buckets = bucket_parameters(self.engine.module.named_parameters(), bucket_mb)
+        return [ray.put(b) for b in buckets]
+
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Float32 CPU logits of the current weights (for checking a weight sync)."""
+        with torch.no_grad():
+            return self.engine.module(input_ids=input_ids.to(self.device)).logits.float().cpu()
+
+    def save_checkpoint(self, path: str) -> None:
+        """Model, optimizer and LR scheduler state into ``path`` (every rank writes its part)."""
+        self.engine.save_checkpoint(path, tag=CHECKPOINT_TAG)
+
+    def load_checkpoint(self, path: str) -> None:
+        if not os.path.isdir(os.path.join(path, CHECKPOINT_TAG)):  # before any collective
+            raise FileNotFoundError(f"no DeepSpeed checkpoint at {os.path.join(path, CHECKPOINT_TAG)}")
+        load_path, _ = self.engine.load_checkpoint(path, tag=CHECKPOINT_TAG)
+        if load_path is None:
+            raise FileNotFoundError(f"DeepSpeed found no checkpoint files in {path}/{CHECKPOINT_TAG}")
+
+    def save_hf(self, path: str) -> None:
+        """Weights (safetensors) and tokenizer as a Hugging Face directory (call on rank 0)."""
+        self.engine.module.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+
+
+# ----------------------------------------------------------------------------- the group
+class LearnerGroup:
+    """Driver-side handle on ``cfg.learner.num_learners`` learner ranks."""
+
+    def __init__(self, cfg: Config, model_path: str):
+        lc = cfg.learner
+        self.cfg, self.world_size = cfg, lc.num_learners
+        actor_cls = ray.remote(LearnerActor).options(
+            num_cpus=lc.cpus_per_learner, num_gpus=lc.gpus_per_learner,
+            resources=cfg.ray.role_resources.get("learner") or None, max_restarts=0, max_task_retries=0)
+        self.actors = [actor_cls.remote(cfg, model_path, r, self.world_size) for r in range(self.world_size)]
+        try:  # all processes up first, so that the rendezvous does not wait on a slow start
+            self._gather("start", [a.__ray_ready__.remote() for a in self.actors])
+            addr, port = self._gather("master_address", [self.actors[0].master_address.remote()])[0]
+            self.setup_s = [m["setup_s"] for m in self._call("setup", addr, port)]
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _gather(self, what: str, refs: list) -> list:
+        """Results in rank order; the first failure raises :class:`LearnerError` naming its rank."""
+        pending = {ref: rank for rank, ref in enumerate(refs)}
+        results = [None] * len(refs)
+        while pending:
+            (ref,), _ = ray.wait(list(pending), num_returns=1)
+            rank = pending.pop(ref)
+            try:
+                results[rank] = ray.get(ref)
+            except Exception as exc:  # noqa: BLE001 - re-raised with the rank
+                cause = getattr(exc, "cause", None) or exc  # the actor's own exception, not Ray's wrapper
+                raise LearnerError(f"learner rank {rank} of {self.world_size} failed in {what}: "
+                                   f"{type(cause).__name__}: {cause}") from exc
+        return results
+
+    def _call(self, method: str, *args) -> list:
+        return self._gather(method, [getattr(a, method).remote(*args) for a in self.actors])
+
+    def train_step(self, batch: pa.RecordBatch | ray.ObjectRef, loss_denominator: float) -> dict[str, float]:
+        """One step on the whole batch, split into equal contiguous shards (rank order)."""
+        if isinstance(batch, ray.ObjectRef):
+            batch = ray.get(batch)
+        try:  # checked here too, so that bad data never reaches only some ranks
+            shards = shard(batch, self.world_size)
+            check_rows(batch, self.cfg, whole_step=True)
+        except ValueError as exc:
+            raise ValueError(f"learner.num_learners={self.world_size}: {exc}") from None
+        refs = [a.train_step.remote(ray.put(s), loss_denominator) for a, s in zip(self.actors, shards)]
+        per_rank = self._gather("train_step", refs)
+        return {
+            "loss": sum(m["loss"] for m in per_rank),  # the full-batch loss
+            "grad_norm": per_rank[0]["grad_norm"],  # global norm, equal on every rank
+            "lr": per_rank[0]["lr"],
+            "tokens": sum(m["tokens"] for m in per_rank),
+            "step_s": max(m["step_s"] for m in per_rank),
+            "peak_rss_mb": max(m["peak_rss_mb"] for m in per_rank),
+        }
+
+    def export_weights(self, bucket_mb: float | None = None) -> list[ray.ObjectRef]:
+        """Rank 0's full parameters as bucket refs for :func:`load_weight_buckets`."""
+        mb = self.cfg.learner.sync_bucket_mb if bucket_mb is None else bucket_mb
+        return self._gather("export_weights", [self.actors[0].export_weights.remote(mb)])[0]
+
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self._gather("logits", [self.actors[0].logits.remote(input_ids)])[0]
+
+    def save_checkpoint(self, path: str) -> None:
+        """DeepSpeed checkpoint of every rank into ``path`` (a shared file system across nodes)."""
+        self._call("save_checkpoint", path)
+
+    def load_checkpoint(self, path: str) -> None:
+        self._call("load_checkpoint", path)
+
+    def save_hf(self, path: str) -> None:
+        self._gather("save_hf", [self.actors[0].save_hf.remote(path)])
+
+    def shutdown(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []
+
+    def __enter__(self) -> "LearnerGroup":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()

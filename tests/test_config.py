@@ -1,0 +1,66 @@
+"""Configs: defaults, YAML + dotted overrides, and clear errors for bad input before any actor starts."""
+
+import subprocess
+import sys
+
+import pytest
+
+from aapo_ray.cli import main
+from aapo_ray.config import ConfigError, load_config, parse_override
+
+
+def test_defaults_validate_and_round_trip(tmp_path):
+    cfg = load_config()
+    assert cfg.algo.estimator == "aapo" and cfg.algo.margin_clip == (0.2, 0.28)
+    path = tmp_path / "c.yaml"
+    path.write_text("algo:\n  group_size: 4\nlearner:\n  zero_stage: 2\n")
+    cfg = load_config(path, ["algo.margin_clip=null", "rollout.temperature=0.7", "reward.functions={format: 1, cosine: 2}"])
+    assert (cfg.algo.group_size, cfg.learner.zero_stage, cfg.algo.margin_clip) == (4, 2, None)
+    assert cfg.rollout.temperature == 0.7 and cfg.reward.functions == {"format": 1.0, "cosine": 2.0}
+    assert parse_override("a.b=[1, 2]") == (["a", "b"], [1, 2])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["algo.grup_size=3"], "algo.grup_size: unknown key; did you mean 'group_size'?"),
+    (["lerner.lr=1"], "lerner: unknown key; did you mean 'learner'?"),
+    (["algo.group_size=six"], "algo.group_size: Input should be a valid integer"),
+    (["learner.zero_stage=5"], "learner.zero_stage"),
+    (["algo.group_size=1"], "group_size=1 with algo.scale_rewards=true"),
+    (["rollout.prompts_per_step=3", "algo.group_size=3", "learner.num_learners=2"], "do not split evenly"),
+    (["rollout.backend=sglang"], "needs rollout.gpus_per_replica > 0"),
+    (["algo.kl_beta=0.1"], "AAPO has no KL term"),
+    (["learner.bf16=true"], "needs GPUs"),
+    (["reward.functions={nope: 1}"], "reward.functions.nope"),
+    (["reward.functions={'no_such_pkg.mod:fn': 1}"], "no_such_pkg"),
+    (["rollout.temperature=-1"], "rollout.temperature"),
+    (["algo.margin_clip=[-0.1, 0.2]"], "magnitudes"),
+    (["algo"], "not KEY=VALUE"),
+])
+def test_bad_configs_name_the_field(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("?", r"\?")):
+        load_config(None, overrides)
+
+
+def test_bad_yaml_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("algo: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    bad.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="mapping of sections"):
+        load_config(bad)
+
+
+def test_cli_rejects_invalid_config_before_starting_anything():
+    proc = subprocess.run([sys.executable, "-m", "aapo_ray", "train", "algo.grup_size=3", "learner.num_learners=0"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "did you mean 'group_size'" in proc.stderr and "learner.num_learners" in proc.stderr
+    assert "Ray" not in proc.stderr + proc.stdout  # no cluster was started
+
+
+def test_check_config_prints_the_resolved_config(capsys):
+    assert main(["check-config", "algo.estimator=grpo"]) == 0
+    assert "estimator: grpo" in capsys.readouterr().out
