@@ -1,0 +1,385 @@
+"""``aapo serve``: the OpenAI-compatible Ray Serve app on a real local Ray cluster, over real HTTP,
+called with the official ``openai`` client (and ``requests`` for raw bodies)."""
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import requests
+
+KEY = "test-key-not-secret"
+NAME = "tiny-served"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+BODY_LIMIT = 64 * 1024
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(ray_cluster, tiny_model_path):
+    from ray import serve
+
+    from aapo_ray.serve import build_app
+
+    port = _free_port()
+    serve.shutdown()  # a Serve left by another module would keep its own HTTP options
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    app = build_app(tiny_model_path, name=NAME, api_key=KEY, max_body_bytes=BODY_LIMIT, max_batch_size=16,
+                    max_n=8, num_cpus=1)
+    serve.run(app, name="aapo-serve-test", route_prefix="/")
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    import openai
+
+    return openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_path):
+    """The same model's own in-process ``generate``."""
+    from aapo_ray.backends import HFBackend
+
+    return HFBackend(tiny_model_path, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def questions():
+    from aapo_ray.synthetic import SyntheticTask
+
+    return [q.rstrip("\n") for q in SyntheticTask().prompts("test", 3)]
+
+
+def _greedy(reference, ids, max_tokens, stop=()):
+    from aapo_ray.backends import SamplingParams
+
+    return reference.generate([ids], SamplingParams(temperature=0, max_new_tokens=max_tokens, stop=stop))
+
+
+def _chat_ids(tokenizer, content):
+    text = tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                         tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+# ----------------------------------------------------------------------------- happy paths
+def test_health_and_models(server, client):
+    assert requests.get(f"{server}/health", timeout=30).json()["status"] == "ok"  # no key needed
+    assert [m.id for m in client.models.list().data] == [NAME]
+    assert client.models.retrieve(NAME).id == NAME
+
+
+def test_completion_greedy_equals_generate(client, reference, questions):
+    for q in questions:
+        prompt = q + "\n"
+        ids = reference.tokenizer(prompt)["input_ids"]
+        want = _greedy(reference, ids, 40)
+        got = client.completions.create(model=NAME, prompt=prompt, max_tokens=40, temperature=0)
+        assert got.choices[0].text == want.texts[0]
+        assert got.choices[0].finish_reason == want.finish_reasons[0]
+        assert got.usage.prompt_tokens == len(ids)
+        assert got.usage.completion_tokens == len(want.token_ids[0])
+        assert got.usage.total_tokens == len(ids) + len(want.token_ids[0])
+        assert got.model == NAME
+
+
+def test_chat_greedy_equals_generate(client, reference, questions):
+    ids = _chat_ids(reference.tokenizer, questions[0])
+    want = _greedy(reference, ids, 40)
+    got = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": questions[0]}],
+                                         max_tokens=40, temperature=0)
+    assert got.choices[0].message.content == want.texts[0]
+    assert got.choices[0].message.role == "assistant"
+    assert (got.usage.prompt_tokens, got.usage.completion_tokens) == (len(ids), len(want.token_ids[0]))
+    # max_completion_tokens (newer clients) is the same limit
+    short = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": questions[0]}],
+                                           max_completion_tokens=3, temperature=0)
+    assert short.usage.completion_tokens == 3 and short.choices[0].finish_reason == "length"
+
+
+def test_streaming_equals_whole_response(client, questions):
+    prompt = questions[1] + "\n"
+    whole = client.completions.create(model=NAME, prompt=prompt, max_tokens=40, temperature=0)
+    chunks = list(client.completions.create(model=NAME, prompt=prompt, max_tokens=40, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    texts = [c.choices[0].text for c in chunks if c.choices]
+    assert len([t for t in texts if t]) > 3, "the text arrives in several chunks"
+    assert "".join(texts) == whole.choices[0].text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+    msgs = [{"role": "user", "content": questions[1]}]
+    whole = client.chat.completions.create(model=NAME, messages=msgs, max_tokens=40, temperature=0)
+    chunks = list(client.chat.completions.create(model=NAME, messages=msgs, max_tokens=40, temperature=0,
+                                                 n=2, stream=True))
+    for index in (0, 1):
+        mine = [c.choices[0] for c in chunks if c.choices[0].index == index]
+        assert mine[0].delta.role == "assistant"
+        assert "".join(c.delta.content or "" for c in mine) == whole.choices[0].message.content
+        assert mine[-1].finish_reason == whole.choices[0].finish_reason
+
+
+def test_stop_strings_streamed_and_whole(client, reference, questions):
+    prompt = questions[0] + "\n"
+    want = _greedy(reference, reference.tokenizer(prompt)["input_ids"], 40, stop=("=",))
+    assert "=" not in want.texts[0]
+    got = client.completions.create(model=NAME, prompt=prompt, max_tokens=40, temperature=0, stop="=")
+    assert got.choices[0].text == want.texts[0] and got.choices[0].finish_reason == "stop"
+    streamed = client.completions.create(model=NAME, prompt=prompt, max_tokens=40, temperature=0, stop=["="],
+                                         stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == want.texts[0]
+
+
+def test_prompt_lists_n_and_seed(client, questions):
+    kwargs = dict(model=NAME, prompt=[q + "\n" for q in questions[:2]], max_tokens=12, temperature=1.0,
+                  top_p=0.9, n=2, seed=7)
+    first = client.completions.create(**kwargs)
+    assert [c.index for c in first.choices] == [0, 1, 2, 3]
+    again = client.completions.create(**kwargs)
+    assert [c.text for c in again.choices] == [c.text for c in first.choices]  # same seed, same batch
+    ids = client.completions.create(model=NAME, prompt=[5, 6, 7], max_tokens=4, temperature=0)  # token ids
+    assert ids.usage.prompt_tokens == 3
+
+
+# ----------------------------------------------------------------------------- errors
+BAD = [
+    ("/v1/completions", b'{"prompt": "1+1", ', 400, None),
+    ("/v1/completions", b"[1, 2]", 400, None),
+    ("/v1/completions", {"prompt": "1+1", "model": "gpt-4"}, 404, "model"),
+    ("/v1/completions", {"prompt": "1+" * 200}, 400, "prompt"),
+    ("/v1/completions", {"prompt": "1+1", "max_tokens": 0}, 400, "max_tokens"),
+    ("/v1/completions", {"prompt": "1+1", "max_tokens": -5}, 400, "max_tokens"),
+    ("/v1/completions", {"prompt": "1+1", "max_tokens": 10**9}, 400, "max_tokens"),
+    ("/v1/completions", {"prompt": "1+1", "max_tokens": 126}, 400, "max_tokens"),  # prompt + 126 > 128
+    ("/v1/completions", {"prompt": "1+1", "temperature": -0.5}, 400, "temperature"),
+    ("/v1/completions", {"prompt": "1+1", "top_p": 0}, 400, "top_p"),
+    ("/v1/completions", {"prompt": "1+1", "n": 9}, 400, "n"),
+    ("/v1/completions", {"prompt": "1+1", "n": 0}, 400, "n"),
+    ("/v1/completions", {"prompt": "1+1", "max_tokens": "5"}, 400, "max_tokens"),
+    ("/v1/completions", {"prompt": "1+1", "temperature": "hot"}, 400, "temperature"),
+    ("/v1/completions", {"prompt": "1+1", "stream": "yes"}, 400, "stream"),
+    ("/v1/completions", {"prompt": "1+1", "seed": 2**70}, 400, "seed"),
+    ("/v1/completions", {"prompt": "1+1", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ("/v1/completions", {"prompt": "1+1", "logprobs": 2}, 400, "logprobs"),
+    ("/v1/completions", {"prompt": 12}, 400, "prompt"),
+    ("/v1/completions", {"prompt": ""}, 400, "prompt"),
+    ("/v1/completions", {"prompt": []}, 400, "prompt"),
+    ("/v1/completions", {"prompt": [1, 99999]}, 400, "prompt"),
+    ("/v1/completions", {}, 400, "prompt"),
+    ("/v1/chat/completions", {"messages": []}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": "hi"}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "hi"}]}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "1+" * 200}]}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 0},
+     400, "max_tokens"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "model": "nope"}, 404, "model"),
+]
+
+
+@pytest.mark.parametrize("path,body,status,param", BAD, ids=[f"{i}-{b[2]}" for i, b in enumerate(BAD)])
+def test_bad_request_is_a_json_4xx(server, path, body, status, param):
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = requests.post(server + path, data=data, headers={**AUTH, "Content-Type": "application/json"}, timeout=30)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    if param:
+        assert err["param"] == param
+
+
+def test_unknown_routes_oversized_bodies_and_still_serving(server, client):
+    r = requests.get(f"{server}/v1/nothing-here", headers=AUTH, timeout=30)
+    assert r.status_code == 404 and "error" in r.json()
+    assert requests.get(f"{server}/v1/completions", headers=AUTH, timeout=30).status_code == 405
+    assert requests.get(f"{server}/v1/models/other", headers=AUTH, timeout=30).status_code == 404
+    big = json.dumps({"prompt": "x" * (BODY_LIMIT + 10)}).encode()
+    r = requests.post(f"{server}/v1/completions", data=big, headers=AUTH, timeout=30)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    chunked = (big[i:i + 8192] for i in range(0, len(big), 8192))  # no Content-Length
+    assert requests.post(f"{server}/v1/completions", data=chunked, headers=AUTH, timeout=30).status_code == 413
+    # after every bad request above, the same replica still answers
+    assert client.completions.create(model=NAME, prompt="1+1", max_tokens=4, temperature=0).choices[0].text
+
+
+def test_api_key(server):
+    url, body = f"{server}/v1/completions", {"prompt": "1+1", "max_tokens": 2}
+    assert requests.post(url, json=body, timeout=30).status_code == 401
+    for bad in ("Bearer wrong", f"Basic {KEY}", "Bearer", KEY):
+        r = requests.post(url, json=body, headers={"Authorization": bad}, timeout=30)
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+        assert KEY not in r.text
+    assert requests.get(f"{server}/v1/models", timeout=30).status_code == 401
+    assert requests.post(url, json=body, headers=AUTH, timeout=30).status_code == 200
+
+
+def test_32_concurrent_streaming_clients(server, questions):
+    import openai
+
+    results, errors = {}, []
+
+    def one(i):
+        try:
+            c = openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0, timeout=120)
+            if i % 2:
+                stream = c.chat.completions.create(model=NAME, max_tokens=24, temperature=0, stream=True,
+                                                   messages=[{"role": "user", "content": questions[i % 3]}])
+                parts = [(ch.choices[0].delta.content or "", ch.choices[0].finish_reason) for ch in stream]
+            else:
+                stream = c.completions.create(model=NAME, prompt=questions[i % 3] + "\n", max_tokens=24,
+                                              temperature=0.8, seed=i, stream=True)
+                parts = [(ch.choices[0].text, ch.choices[0].finish_reason) for ch in stream]
+            results[i] = parts
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(f"{i}: {type(exc).__name__}: {exc}")
+
+    threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=180)
+    assert not errors, errors
+    assert sorted(results) == list(range(32))
+    for parts in results.values():
+        assert "".join(text for text, _ in parts) and parts[-1][1] in ("stop", "length")
+
+
+# ----------------------------------------------------------------------------- CLI and model resolution
+def test_cli_help_is_fast_and_lists_flags():
+    out = subprocess.run([sys.executable, "-m", "aapo_ray", "serve", "--help"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    for flag in ("--checkpoint", "--host", "--port", "--api-key", "--num-replicas", "--autoscaling-config",
+                 "--backend", "--name"):
+        assert flag in out.stdout
+    light = subprocess.run([sys.executable, "-c", "import sys, aapo_ray.serve; "
+                            "assert not {'ray', 'torch', 'fastapi'} & set(sys.modules), sorted(sys.modules)"],
+                           capture_output=True, text=True, timeout=120)
+    assert light.returncode == 0, light.stderr
+
+
+def test_cli_defaults_and_bad_path(tmp_path, capsys):
+    from aapo_ray.cli import build_parser, main
+
+    args = build_parser().parse_args(["serve", "some/run"])
+    assert (args.host, args.port, args.backend, args.checkpoint) == ("127.0.0.1", 8000, "hf", None)
+    assert main(["serve", str(tmp_path / "missing")]) == 2
+    assert "no such directory" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, tiny_model_path):
+    """A fake run: step 1 and 2 complete, step 3 torn (no state.json)."""
+    run = tmp_path_factory.mktemp("runs") / "my-run"
+    for step, complete in ((1, True), (2, True), (3, False)):
+        ck = run / "checkpoints" / f"step_{step:06d}"
+        shutil.copytree(tiny_model_path, ck / "hf")
+        if complete:
+            (ck / "state.json").write_text(json.dumps({"step": step}))
+    return run
+
+
+def test_resolve_model_dir(run_dir, tiny_model_path, tmp_path):
+    from aapo_ray.serve import resolve_model_dir
+
+    ck = run_dir / "checkpoints"
+    assert resolve_model_dir(run_dir) == (ck / "step_000002" / "hf", "my-run")  # torn step 3 skipped
+    for name in ("step_1", "step_000001", "1"):
+        assert resolve_model_dir(run_dir, name) == (ck / "step_000001" / "hf", "my-run")
+    assert resolve_model_dir(ck / "step_000001") == (ck / "step_000001" / "hf", "my-run")
+    plain = Path(tiny_model_path).resolve()
+    assert resolve_model_dir(tiny_model_path) == (plain, plain.name)
+    with pytest.raises(ValueError, match="step_000001"):
+        resolve_model_dir(run_dir, "step_3")  # torn
+    with pytest.raises(ValueError):
+        resolve_model_dir(run_dir, "latest-ish")
+    with pytest.raises(ValueError):
+        resolve_model_dir(tiny_model_path, "step_1")  # not a run directory
+    (tmp_path / "checkpoints").mkdir()
+    with pytest.raises(ValueError, match="no complete checkpoint"):
+        resolve_model_dir(tmp_path)
+    with pytest.raises(FileNotFoundError):
+        resolve_model_dir(tmp_path / "nope")
+
+
+def test_app_builder_takes_string_args(run_dir):
+    from ray.serve import Application
+
+    from aapo_ray.serve import app_builder
+
+    app = app_builder({"model": str(run_dir), "checkpoint": "step_1", "num_replicas": "2", "max_batch_size": "8",
+                       "autoscaling_config": '{"min_replicas": 1, "max_replicas": 3}', "name": "x"})
+    assert isinstance(app, Application)
+    with pytest.raises(ValueError):
+        app_builder({"model": str(run_dir), "no_such_option": 1})
+
+
+# ----------------------------------------------------------------------------- batching internals (no Ray)
+def test_batch_groups_by_params_and_isolates_failures(reference):
+    """One @serve.batch batch with mixed sampling params: one generate call per distinct params; a failing
+    group answers its own requests with an error event; a backend without a streamer hook (sglang) still
+    streams (its text in one chunk at the end)."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from aapo_ray.backends import Completions, SamplingParams
+    from aapo_ray.serve import Job, OpenAIServer
+
+    calls = []
+
+    class Backend:
+        def generate(self, prompts, params):
+            calls.append((len(prompts), params.temperature))
+            if params.temperature == 0.5:
+                raise RuntimeError("boom")
+            return Completions([[1, 2]] * len(prompts), [f"t{params.temperature}"] * len(prompts),
+                               ["length"] * len(prompts))
+
+    srv = object.__new__(OpenAIServer)
+    srv.backend, srv.tokenizer, srv.eos_ids = Backend(), reference.tokenizer, {2}
+    srv.pool, srv.streamer, srv.can_stream = ThreadPoolExecutor(1), None, False
+    jobs = [Job([[5, 6]], 2, SamplingParams(temperature=0.0), False),
+            Job([[5], [6]], 1, SamplingParams(temperature=0.5), False),
+            Job([[7]], 1, SamplingParams(temperature=0.0), True)]
+
+    async def drain():
+        events = [[] for _ in jobs]
+        done = [False] * len(jobs)
+        async for step in srv._run_batch(jobs):
+            for i, item in enumerate(step):
+                if item is StopIteration:
+                    done[i] = True
+                else:
+                    assert not done[i]
+                    events[i] += item
+        return events
+
+    events = asyncio.run(drain())
+    assert calls == [(3, 0.0), (2, 0.5)]
+    assert [e for e in events[0] if e[0] == "done"] == [("done", c, "t0.0", "length", 2) for c in (0, 1)]
+    assert events[1][0][0] == "error" and "boom" in events[1][0][1]
+    assert events[2] == [("delta", 0, "t0.0"), ("done", 0, "t0.0", "length", 2)]
+
+
+def test_stream_text_holds_back_stop_prefixes(reference):
+    from aapo_ray.openai_api import StreamText
+
+    tok = reference.tokenizer
+    ids = tok("1+2=3, 4+5=9", add_special_tokens=False)["input_ids"]
+    st = StreamText(tok, {tok.eos_token_id}, ("=3,",))
+    sent = "".join(st.push(t) for t in ids)
+    assert sent == "1+2" and st.done
+    st = StreamText(tok, {tok.eos_token_id}, ())
+    assert "".join(st.push(t) for t in ids + [tok.eos_token_id] + ids) == "1+2=3, 4+5=9"
