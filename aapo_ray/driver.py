@@ -139,7 +139,11 @@ def resolve_model_path(cfg: Config) -> str:
         from aapo_ray.models import default_model_path
 
         return str(default_model_path())
-    return cfg.model.path
+    path = Path(cfg.model.path).expanduser()
+    if not path.is_dir() and (cfg.model.path.startswith((".", "/", "~")) or path.parent.is_dir()):
+        raise FileNotFoundError(f"model.path={cfg.model.path}: no such directory; point it at a local "
+                                f"HF model directory (config.json + *.safetensors + tokenizer files)")
+    return str(path) if path.is_dir() else cfg.model.path
 
 
 def load_prompts(cfg: Config, model_path: str) -> tuple[pa.RecordBatch, pa.RecordBatch | None]:

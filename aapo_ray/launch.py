@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import os
 
-# Keep every port of a local cluster on 127.0.0.1 (set before ray is imported anywhere).
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-
-import ray  # noqa: E402
+import ray  # aapo_ray/__init__.py has already pinned a local cluster's ports to 127.0.0.1
 
 # Environment every actor process gets: deterministic, quiet, bounded thread pools.
 ACTOR_ENV = {
@@ -30,6 +27,7 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, namespa
     if "TORCH_EXTENSIONS_DIR" in os.environ:
         env["TORCH_EXTENSIONS_DIR"] = os.environ["TORCH_EXTENSIONS_DIR"]
     kwargs = dict(namespace=namespace, runtime_env={"env_vars": env}, log_to_driver=True)
+    address = address or os.environ.get("RAY_ADDRESS")  # set inside `ray job submit` jobs
     if address is None:
         ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", **kwargs)
     else:
