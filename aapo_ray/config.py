@@ -85,7 +85,7 @@ class LearnerConfig(Section):
 
     num_learners: int = Field(1, ge=1)
     zero_stage: Literal[0, 1, 2, 3] = 1
-    lr: float = Field(1e-6, gt=0)
+    lr: float = Field(1e-4, gt=0)  # tuned for the embedded tiny model; the paper uses 1e-6 on real models
     lr_schedule: Literal["constant", "cosine"] = "constant"
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
@@ -103,16 +103,17 @@ class LearnerConfig(Section):
 class RunConfig(Section):
     """The loop: length, seeds, evaluation, checkpoints, logging."""
 
-    steps: int = Field(40, ge=1)
+    steps: int = Field(200, ge=1)
     seed: int = 0
     output_dir: str = "runs"
     name: str | None = None  # run directory name; default: time stamp
-    eval_every: int = Field(10, ge=0)  # 0 = only at start and end
+    eval_every: int = Field(20, ge=0)  # 0 = only at start and end
     eval_temperature: float = Field(1.0, ge=0)  # 0 = greedy
-    eval_samples: int = Field(1, ge=1)
-    save_every: int = Field(20, ge=0)  # 0 = only at the end
+    eval_samples: int = Field(4, ge=1)  # samples per held-out prompt
+    save_every: int = Field(50, ge=0)  # 0 = only at the end
     keep_checkpoints: int = Field(2, ge=1)
     torch_threads: int = Field(1, ge=1)  # per actor; keep cores for the other roles
+    max_learner_restarts: int = Field(1, ge=0)  # a dead learner rank: restart from the last checkpoint
 
 
 class RayConfig(Section):

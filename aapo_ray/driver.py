@@ -17,11 +17,12 @@ from tqdm.auto import tqdm
 
 from aapo_ray import checkpoint as ckpt
 from aapo_ray.algo import advantage_diagnostics, get_estimator
+from aapo_ray.collect import ACTOR_FAILURES, collect_scored
 from aapo_ray.config import EMBEDDED_MODEL, Config, dump_config
 from aapo_ray.data import PromptSampler, load_prompt_dataset, render_prompts
 from aapo_ray.generator import GeneratorPool, make_prompt_batch
 from aapo_ray.launch import init_ray
-from aapo_ray.learner import LearnerGroup
+from aapo_ray.learner import LearnerError, LearnerGroup
 from aapo_ray.metrics import MetricsLogger, plot_run, read_metrics
 from aapo_ray.reference import ReferencePool
 from aapo_ray.rollout import REWARD_PREFIX, column_numpy, concat, with_columns
@@ -35,93 +36,101 @@ def train(cfg: Config, *, run_dir: str | Path | None = None, resume: bool = Fals
     run_dir = Path(run_dir or Path(cfg.run.output_dir) / (cfg.run.name or datetime.now().strftime("%Y%m%d-%H%M%S")))
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(cfg))
-    init_ray(cfg.ray.address, num_cpus=cfg.ray.num_cpus, namespace=cfg.ray.namespace, torch_threads=cfg.run.torch_threads)
-    model_path = resolve_model_path(cfg)
+    model_path = resolve_model_path(cfg)  # model and data problems surface before Ray starts
     train_prompts, eval_prompts = load_prompts(cfg, model_path)
+    if resume and ckpt.latest_checkpoint(run_dir) is None:
+        raise FileNotFoundError(f"--resume {run_dir}: no complete checkpoint under {ckpt.checkpoints_root(run_dir)}")
+    init_ray(cfg.ray.address, num_cpus=cfg.ray.num_cpus, namespace=cfg.ray.namespace, torch_threads=cfg.run.torch_threads)
+    check_cluster_fits(cfg)
     estimator = get_estimator(cfg.algo.estimator)
-    group_size, margin_clip = cfg.algo.group_size, cfg.algo.margin_clip
     sampler = PromptSampler(train_prompts.num_rows, cfg.rollout.prompts_per_step, seed=cfg.run.seed)
 
     with ExitStack() as roles:  # every actor this run starts is shut down on the way out
         policy = _started(roles, GeneratorPool(cfg, model_path))
         reference = _started(roles, ReferencePool(cfg, model_path)) if estimator.needs_reference else None
         scorers = _started(roles, ScorerPool(cfg))
-        learners = _started(roles, LearnerGroup(cfg, model_path))
-        start = 0
-        last = ckpt.latest_checkpoint(run_dir) if resume else None
-        if last is not None:
-            state = ckpt.load_state(last)
-            learners.load_checkpoint(str(last / "learner"))
-            sampler.load_state_dict(state["sampler"])
-            start = state["step"]
-            policy.update_weights(learners.export_weights(cfg.learner.sync_bucket_mb), version=start)
-            log.info("resumed %s from %s (step %d)", run_dir, last.name, start)
-        elif resume:
-            raise FileNotFoundError(f"--resume {run_dir}: no complete checkpoint under {ckpt.checkpoints_root(run_dir)}")
-        logger = MetricsLogger(run_dir, resume_step=start if resume else None)
-        if start == 0:
+        learners = LearnerGroup(cfg, model_path)
+        roles.callback(lambda: learners.shutdown())
+        step = restore(run_dir, cfg, learners, policy, sampler) if resume else 0
+        logger = MetricsLogger(run_dir, resume_step=step if resume else None)
+        if step == 0:
             logger.log(0, evaluate(cfg, policy, scorers, eval_prompts))
-
-        bar = tqdm(total=cfg.run.steps, initial=start, desc="aapo train", disable=not progress, unit="step")
+        bar = tqdm(total=cfg.run.steps, initial=step, desc="aapo train", disable=not progress, unit="step")
+        learner_restarts = 0
         # Ctrl-C saves the last fully logged step, unless the learner was mid-update (state unknown).
-        logged, in_update, sampler_after = start, False, {start: sampler.state_dict()}
+        logged, in_update, sampler_after = step, False, {step: sampler.state_dict()}
         try:
-            for step in range(start + 1, cfg.run.steps + 1):
+            while step < cfg.run.steps:
+                step += 1
                 t0 = time.perf_counter()
                 prompts = train_prompts.take(pa.array(sampler.next_batch()))
                 sampler_after = {step - 1: sampler_after[step - 1], step: sampler.state_dict()}
                 seed = cfg.run.seed * 1_000_003 + step
-                policy_refs = policy.generate(prompts, group_size, policy.sampling(seed))
-                ref_refs = reference.generate(prompts, group_size, reference.sampling(seed + 500_009)) if reference else []
-                scored = scorers.score(policy_refs + ref_refs)
-                batches, counters = ray.get([b for b, _ in scored]), ray.get([c for _, c in scored])
-                n_policy = len(policy_refs)
-                generate_s = _generate_seconds(batches[:n_policy]), _generate_seconds(batches[n_policy:])
-                rollouts = concat(batches[:n_policy])
-                ref_batch = concat(batches[n_policy:]) if reference else None
+                requests = [(policy, policy.chunks(prompts, cfg.algo.group_size, policy.sampling(seed)))]
+                if reference:
+                    requests.append((reference, reference.chunks(prompts, cfg.algo.group_size,
+                                                                 reference.sampling(seed + 500_009))))
+                batches, counters, faults = collect_scored(requests, scorers)
+                rollouts = concat(batches[0])
+                ref_batch = concat(batches[1]) if reference else None
                 t_rollout = time.perf_counter()
 
                 rewards = torch.tensor(column_numpy(rollouts, "reward"))
                 ref_rewards = torch.tensor(_aligned_rewards(rollouts, ref_batch)) if reference else None
-                advantages = estimator.advantages(rewards, ref_rewards, group_size, scale_rewards=cfg.algo.scale_rewards,
-                                                  margin_clip=margin_clip)
+                advantages = estimator.advantages(rewards, ref_rewards, cfg.algo.group_size,
+                                                  scale_rewards=cfg.algo.scale_rewards, margin_clip=cfg.algo.margin_clip)
                 batch = with_columns(rollouts, advantage=advantages)
                 tokens = len(batch.column("completion_ids").values)
                 denominator = estimator.loss_denominator(tokens, batch.num_rows, cfg.rollout.max_new_tokens)
                 t_adv = time.perf_counter()
 
-                in_update = True
-                learner_metrics = learners.train_step(ray.put(batch), denominator)
-                t_train = time.perf_counter()
-                policy.update_weights(learners.export_weights(cfg.learner.sync_bucket_mb), version=step)
-                t_sync = time.perf_counter()
-
-                metrics = {
-                    **advantage_diagnostics(rewards, ref_rewards, advantages, group_size,
-                                            margin_clip if estimator.name == "aapo" else None),
-                    **_rollout_stats(rollouts, ref_batch, counters),
-                    **{f"learner/{k}": v for k, v in learner_metrics.items()},
-                    "time/generate_s": generate_s[0], "time/ref_generate_s": generate_s[1],
-                    "time/rollout_s": t_rollout - t0, "time/advantage_s": t_adv - t_rollout,
-                    "time/train_s": t_train - t_adv, "time/sync_s": t_sync - t_train,
-                }
-                if cfg.run.eval_every and step % cfg.run.eval_every == 0 or step == cfg.run.steps:
-                    metrics.update(evaluate(cfg, policy, scorers, eval_prompts))
-                if cfg.run.save_every and step % cfg.run.save_every == 0 or step == cfg.run.steps:
-                    t_save = time.perf_counter()
-                    ckpt.save_checkpoint(run_dir, step, learners, {"sampler": sampler_after[step]}, cfg.run.keep_checkpoints)
-                    metrics["time/checkpoint_s"] = time.perf_counter() - t_save
-                metrics["time/step_s"] = time.perf_counter() - t0
-                metrics["tokens_per_s"] = metrics["completion_tokens"] / metrics["time/step_s"]
-                logger.log(step, metrics)
-                logged, in_update = step, False
+                in_update = True  # from here until the checkpoint the learner state is ahead of the log
+                try:
+                    learner_metrics = learners.train_step(ray.put(batch), denominator)
+                    t_train = time.perf_counter()
+                    policy.update_weights(learners.export_weights(cfg.learner.sync_bucket_mb), version=step)
+                    t_sync = time.perf_counter()
+                    metrics = {
+                        **advantage_diagnostics(rewards, ref_rewards, advantages, cfg.algo.group_size,
+                                                cfg.algo.margin_clip if estimator.name == "aapo" else None),
+                        **_rollout_stats(rollouts, ref_batch, counters),
+                        **{f"learner/{k}": v for k, v in learner_metrics.items()},
+                        **faults, "faults/learner_restarts": learner_restarts,
+                        "faults/policy_replica_restarts": policy.restarted_replicas,
+                        "time/generate_s": _generate_seconds(batches[0]),
+                        "time/ref_generate_s": _generate_seconds(batches[1]) if reference else 0.0,
+                        "time/rollout_s": t_rollout - t0, "time/advantage_s": t_adv - t_rollout,
+                        "time/train_s": t_train - t_adv, "time/sync_s": t_sync - t_train,
+                    }
+                    if cfg.run.eval_every and step % cfg.run.eval_every == 0 or step == cfg.run.steps:
+                        metrics.update(evaluate(cfg, policy, scorers, eval_prompts))
+                    metrics["time/step_s"] = time.perf_counter() - t0
+                    metrics["tokens_per_s"] = metrics["completion_tokens"] / metrics["time/step_s"]
+                    logger.log(step, metrics)  # logged before the checkpoint: a crash in between re-runs the step
+                    logged = step
+                    if cfg.run.save_every and step % cfg.run.save_every == 0 or step == cfg.run.steps:
+                        ckpt.save_checkpoint(run_dir, step, learners, {"sampler": sampler_after[step]}, cfg.run.keep_checkpoints)
+                    in_update = False
+                except LearnerError as exc:
+                    if not isinstance(exc.__cause__, ACTOR_FAILURES) or learner_restarts >= cfg.run.max_learner_restarts:
+                        raise RuntimeError(f"learner failed at step {step}: {exc}. The run directory is resumable: "
+                                           f"aapo train --resume {run_dir}") from exc
+                    learner_restarts += 1
+                    log.warning("learner died at step %d (%s); restarting the group from the last checkpoint", step, exc)
+                    learners.shutdown()
+                    learners = LearnerGroup(cfg, model_path)
+                    step = restore(run_dir, cfg, learners, policy, sampler)
+                    logger.truncate_after(step)
+                    logged, in_update, sampler_after = step, False, {step: sampler.state_dict()}
+                    bar.n = step
+                    continue
                 bar.set_postfix(_postfix(metrics), refresh=False)
                 bar.update(1)
         except KeyboardInterrupt:
             last = ckpt.latest_checkpoint(run_dir)
             if in_update:
-                bar.write(f"interrupted during a learner update: resume from {last or 'the start'}")
-            elif logged > start and (last is None or last.name != f"step_{logged:06d}"):
+                bar.write(f"interrupted during a learner update: resume restarts from {last or 'the start'}")
+            elif logged > 0 and (last is None or last.name != f"step_{logged:06d}"):
                 bar.write(f"interrupted: saving a checkpoint of step {logged} in {run_dir}")
                 ckpt.save_checkpoint(run_dir, logged, learners, {"sampler": sampler_after[logged]}, cfg.run.keep_checkpoints)
             raise
@@ -131,6 +140,35 @@ def train(cfg: Config, *, run_dir: str | Path | None = None, resume: bool = Fals
     plot_run(run_dir)
     print(summary(run_dir))
     return run_dir
+
+
+def restore(run_dir: Path, cfg: Config, learners: LearnerGroup, policy: GeneratorPool, sampler: PromptSampler) -> int:
+    """Load the last complete checkpoint (or the initial state) into fresh learners; returns its step."""
+    last = ckpt.latest_checkpoint(run_dir)
+    step = 0
+    if last is not None:
+        state = ckpt.load_state(last)
+        learners.load_checkpoint(str(last / "learner"))
+        sampler.load_state_dict(state["sampler"])
+        step = state["step"]
+        log.info("restored %s from %s (step %d)", run_dir, last.name, step)
+    else:
+        sampler.load_state_dict({**sampler.state_dict(), "epoch": 0, "pos": 0})
+    policy.update_weights(learners.export_weights(cfg.learner.sync_bucket_mb), version=step)
+    return step
+
+
+def check_cluster_fits(cfg: Config) -> None:
+    """Fail before any actor starts if the cluster cannot hold the configured roles."""
+    total = ray.cluster_resources()
+    r, roll, learn = cfg.reward, cfg.rollout, cfg.learner
+    replicas = roll.policy_replicas + (roll.reference_replicas if get_estimator(cfg.algo.estimator).needs_reference else 0)
+    need = {"CPU": replicas * roll.cpus_per_replica + r.num_scorers * r.cpus_per_scorer + learn.num_learners * learn.cpus_per_learner,
+            "GPU": replicas * roll.gpus_per_replica + learn.num_learners * learn.gpus_per_learner}
+    short = [f"{k}: need {v:g}, cluster has {total.get(k, 0):g}" for k, v in need.items() if v > total.get(k, 0) + 1e-9]
+    if short:
+        raise ValueError("the Ray cluster cannot hold this run's actors (" + "; ".join(short) + "): lower "
+                         "learner.num_learners / rollout.*_replicas / cpus_per_* or add nodes (ray.num_cpus for a local cluster)")
 
 
 def resolve_model_path(cfg: Config) -> str:
@@ -180,8 +218,9 @@ def evaluate(cfg: Config, policy: GeneratorPool, scorers: ScorerPool, prompts: p
     if prompts is None:
         return {}
     t0 = time.perf_counter()
-    refs = policy.generate(prompts, cfg.run.eval_samples, policy.sampling(cfg.run.seed, temperature=cfg.run.eval_temperature))
-    scored = concat(ray.get([b for b, _ in scorers.score(refs)]))
+    params = policy.sampling(cfg.run.seed, temperature=cfg.run.eval_temperature)
+    batches, _, _ = collect_scored([(policy, policy.chunks(prompts, cfg.run.eval_samples, params))], scorers)
+    scored = concat(batches[0])
     acc = np.nan_to_num(column_numpy(scored, REWARD_PREFIX + "accuracy"))
     return {"eval/accuracy": float(acc.mean()), "eval/reward": float(column_numpy(scored, "reward").mean()),
             "time/eval_s": time.perf_counter() - t0}

@@ -7,7 +7,10 @@ frozen reference pool (:mod:`aapo_ray.reference`) is the same actor that never t
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -79,40 +82,92 @@ class GeneratorActor:
         self.backend.wake()
 
 
+@dataclass
+class Chunk:
+    """A contiguous run of prompt groups sampled by one call (retried as a unit on failure)."""
+
+    prompts: pa.RecordBatch
+    first_group: int
+    n: int
+    params: SamplingParams
+
+
 class GeneratorPool:
-    """Driver-side handle on ``replicas`` generator actors of one role."""
+    """Driver-side handle on ``replicas`` generator actors of one role.
+
+    Replicas are Ray-restarted if their process dies; :meth:`heal` then pushes the latest
+    weights to any replica whose version is behind, so a retried chunk is sampled by the
+    same policy as the rest of the step.
+    """
 
     role = "policy"
 
     def __init__(self, cfg: Config, model_path: str, replicas: int | None = None):
-        roll = cfg.rollout
-        self.cfg = cfg
-        replicas = replicas or roll.policy_replicas
-        resources = cfg.ray.role_resources.get(self.role, {})
-        actor_cls = ray.remote(GeneratorActor).options(
-            num_cpus=roll.cpus_per_replica, num_gpus=roll.gpus_per_replica, resources=resources or None,
-            max_restarts=2, max_task_retries=0)
-        self.actors = [actor_cls.remote(cfg, model_path, self.role, i) for i in range(replicas)]
+        self.cfg, self.model_path = cfg, model_path
+        self._latest: tuple[list, int] = ([], 0)  # (weight bucket refs, version) last pushed
+        self.restarted_replicas = 0  # replicas found behind the latest weights (Ray restarted them)
+        self._turn = itertools.count()
+        self.actors = [self._new_actor(i) for i in range(replicas or cfg.rollout.policy_replicas)]
         ray.get([a.ready.remote() for a in self.actors])
+
+    def _new_actor(self, replica: int):
+        roll = self.cfg.rollout
+        resources = self.cfg.ray.role_resources.get(self.role, {})
+        return ray.remote(GeneratorActor).options(
+            num_cpus=roll.cpus_per_replica, num_gpus=roll.gpus_per_replica, resources=resources or None,
+            max_restarts=3, max_task_retries=0).remote(self.cfg, self.model_path, self.role, replica)
 
     def sampling(self, seed: int, *, temperature: float | None = None) -> SamplingParams:
         roll = self.cfg.rollout
         return SamplingParams(temperature=roll.temperature if temperature is None else temperature,
                               top_p=roll.top_p, max_new_tokens=roll.max_new_tokens, seed=seed)
 
+    def chunks(self, prompts: pa.RecordBatch, n: int, params: SamplingParams) -> list[Chunk]:
+        """One chunk of contiguous groups per replica, each with its own derived seed."""
+        out = []
+        for i, rows in enumerate(np.array_split(np.arange(prompts.num_rows), len(self.actors))):
+            if len(rows):
+                seed = None if params.seed is None else params.seed + 7919 * i
+                out.append(Chunk(prompts.slice(int(rows[0]), len(rows)), int(rows[0]), n,
+                                 dataclasses.replace(params, seed=seed)))
+        return out
+
+    def submit(self, chunk: Chunk, replica: int | None = None) -> ray.ObjectRef:
+        """Sample one chunk; ``replica=None`` picks the next replica in turn."""
+        actor = self.actors[next(self._turn) % len(self.actors) if replica is None else replica]
+        return actor.generate.remote(chunk.prompts, chunk.first_group, chunk.n, chunk.params)
+
     def generate(self, prompts: pa.RecordBatch, n: int, params: SamplingParams) -> list[ray.ObjectRef]:
         """Spread prompt groups over replicas in contiguous chunks; refs come back in group order."""
-        chunks = np.array_split(np.arange(prompts.num_rows), len(self.actors))
-        refs = []
-        for i, (actor, rows) in enumerate(zip(self.actors, chunks)):
-            if len(rows):
-                chunk = prompts.slice(int(rows[0]), len(rows))
-                replica_params = SamplingParams(**{**params.__dict__, "seed": None if params.seed is None else params.seed + 7919 * i})
-                refs.append(actor.generate.remote(chunk, int(rows[0]), n, replica_params))
-        return refs
+        return [self.submit(c, i) for i, c in enumerate(self.chunks(prompts, n, params))]
 
     def update_weights(self, buckets: list[ray.ObjectRef], version: int) -> None:
-        ray.get([a.update_weights.remote(buckets, version) for a in self.actors])
+        self._latest = (buckets, version)
+        try:
+            ray.get([a.update_weights.remote(buckets, version) for a in self.actors])
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+            self.heal()  # a replica died: once restarted it takes these weights
+
+    def heal(self, timeout_s: float = 300.0) -> int:
+        """Make every replica usable with the latest weights; returns how many needed it."""
+        healed = 0
+        buckets, version = self._latest
+        for i, actor in enumerate(self.actors):
+            try:
+                current = ray.get(actor.ready.remote(), timeout=timeout_s)["version"]
+            except ray.exceptions.RayActorError:  # out of restarts: start a fresh one
+                self.actors[i] = actor = self._new_actor(i)
+                current = ray.get(actor.ready.remote(), timeout=timeout_s)["version"]
+            if current != version:  # restarted with the initial weights (never true for the reference)
+                ray.get(actor.update_weights.remote(buckets, version))
+                healed += 1
+        self.restarted_replicas += healed
+        return healed
+
+    @property
+    def version(self) -> int:
+        """The weight version every replica should be sampling with."""
+        return self._latest[1]
 
     def shutdown(self) -> None:
         for a in self.actors:

@@ -47,16 +47,27 @@ class ScorerPool:
     """``reward.num_scorers`` actors, batches assigned round-robin by ObjectRef (no driver copy)."""
 
     def __init__(self, cfg: Config):
-        resources = cfg.ray.role_resources.get("scorer", {})
-        actor_cls = ray.remote(RewardScorer).options(
-            num_cpus=cfg.reward.cpus_per_scorer, resources=resources or None, max_restarts=2)
-        self.actors = [actor_cls.remote(cfg) for _ in range(cfg.reward.num_scorers)]
+        self.cfg = cfg
+        self.actors = [self._new_actor() for _ in range(cfg.reward.num_scorers)]
         ray.get([a.ready.remote() for a in self.actors])
         self._next = itertools.cycle(range(len(self.actors)))
+
+    def _new_actor(self):
+        resources = self.cfg.ray.role_resources.get("scorer", {})
+        return ray.remote(RewardScorer).options(
+            num_cpus=self.cfg.reward.cpus_per_scorer, resources=resources or None, max_restarts=3).remote(self.cfg)
 
     def score(self, batch_refs: list[ray.ObjectRef]) -> list[tuple[ray.ObjectRef, ray.ObjectRef]]:
         """One (scored batch ref, counters ref) per input ref, in order."""
         return [self.actors[next(self._next)].score.options(num_returns=2).remote(ref) for ref in batch_refs]
+
+    def heal(self, timeout_s: float = 120.0) -> None:
+        """Replace scorers that are out of restarts."""
+        for i, actor in enumerate(self.actors):
+            try:
+                ray.get(actor.ready.remote(), timeout=timeout_s)
+            except ray.exceptions.RayActorError:
+                self.actors[i] = self._new_actor()
 
     def shutdown(self) -> None:
         for a in self.actors:
