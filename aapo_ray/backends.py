@@ -44,7 +44,7 @@ class HFBackend:
             model_path, trust_remote_code=trust_remote_code, dtype=getattr(torch, dtype), allow_pickle=allow_pickle)
         self.model.to(self.device).eval()
         self.batch_size = batch_size
-        self.eos_ids = _eos_ids(self.model, self.tokenizer)
+        self.eos_ids = eos_token_ids(self.model, self.tokenizer)
         self.context_length = getattr(self.model.config, "max_position_embeddings", None)
 
     @torch.no_grad()
@@ -64,12 +64,8 @@ class HFBackend:
 
     def _generate_batch(self, prompts: list[list[int]], params: SamplingParams):
         pad = self.tokenizer.pad_token_id
-        width = max(len(p) for p in prompts)
-        input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-        attention = torch.zeros_like(input_ids)
-        for i, p in enumerate(prompts):  # left padding
-            input_ids[i, width - len(p):] = torch.as_tensor(p)
-            attention[i, width - len(p):] = 1
+        input_ids, attention = left_pad(prompts, pad)
+        width = input_ids.shape[1]
         sample = params.temperature > 0
         out = self.model.generate(
             input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device),
@@ -126,12 +122,9 @@ class SGLangBackend:
         return Completions(rows, texts, ["stop" if r == "stop" else "length" for r in reasons])
 
     def load_weights(self, buckets: list) -> int:
-        import ray
+        from aapo_ray.learner import unpack_bucket
 
-        named = []
-        for names, shapes, flat in (ray.get(b) if isinstance(b, ray.ObjectRef) else b for b in buckets):
-            for name, part in zip(names, _split_flat(flat, shapes)):
-                named.append((name, part))
+        named = [pair for bucket in buckets for pair in unpack_bucket(bucket)]
         self.engine.update_weights_from_tensor(named_tensors=named)
         return len(named)
 
@@ -155,9 +148,21 @@ def make_backend(kind: str, model_path: str, **kwargs):
     raise ValueError(f"unknown generation backend {kind!r}; use 'hf' or 'sglang'")
 
 
-def _eos_ids(model, tokenizer) -> list[int]:
-    eos = model.generation_config.eos_token_id if model.generation_config else None
-    ids = eos if isinstance(eos, list) else [eos] if eos is not None else []
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) with prompts aligned to the right, as generation needs."""
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention = torch.zeros_like(input_ids)
+    for i, p in enumerate(prompts):
+        input_ids[i, width - len(p):] = torch.as_tensor(p, dtype=torch.long)
+        attention[i, width - len(p):] = 1
+    return input_ids, attention
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """Every id that ends a completion: the generation config's EOS ids and the tokenizer's."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = list(eos) if isinstance(eos, (list, tuple)) else [eos] if eos is not None else []
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
         ids.append(tokenizer.eos_token_id)
     if not ids:
@@ -183,8 +188,3 @@ def _apply_stop(rows, texts, reasons, stops, tokenizer):
             rows[i] = np.asarray(tokenizer(texts[i], add_special_tokens=False)["input_ids"], dtype=np.int32)
             reasons[i] = "stop"
     return rows, texts, reasons
-
-
-def _split_flat(flat: torch.Tensor, shapes: list) -> list[torch.Tensor]:
-    sizes = [int(np.prod(s)) for s in shapes]
-    return [part.view(shape) for part, shape in zip(flat.split(sizes), shapes)]

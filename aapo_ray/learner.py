@@ -142,6 +142,16 @@ def bucket_parameters(named: Iterable[tuple[str, torch.Tensor]], bucket_mb: floa
     return done
 
 
+def unpack_bucket(bucket) -> list[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` views of one exported bucket (a tuple or an ObjectRef to one)."""
+    names, shapes, flat = ray.get(bucket) if isinstance(bucket, ray.ObjectRef) else bucket
+    sizes = [math.prod(s) for s in shapes]
+    if len(names) != len(shapes) or sum(sizes) != flat.numel():
+        raise ValueError(f"corrupt weight bucket: {len(names)} names, {len(shapes)} shapes, "
+                         f"{flat.numel()} values for {sum(sizes)} expected")
+    return [(name, part.view(shape)) for name, shape, part in zip(names, shapes, flat.split(sizes))]
+
+
 def load_weight_buckets(model: torch.nn.Module, buckets: list, *, strict: bool = True) -> int:
     """Copy exported buckets (tuples or ObjectRefs to them) into ``model``'s parameters in place.
 
@@ -153,19 +163,14 @@ def load_weight_buckets(model: torch.nn.Module, buckets: list, *, strict: bool =
     loaded: set[str] = set()
     with torch.no_grad():
         for bucket in buckets:
-            names, shapes, flat = ray.get(bucket) if isinstance(bucket, ray.ObjectRef) else bucket
-            sizes = [math.prod(s) for s in shapes]
-            if len(names) != len(shapes) or sum(sizes) != flat.numel():
-                raise ValueError(f"corrupt weight bucket: {len(names)} names, {len(shapes)} shapes, "
-                                 f"{flat.numel()} values for {sum(sizes)} expected")
-            for name, shape, part in zip(names, shapes, flat.split(sizes)):
+            for name, tensor in unpack_bucket(bucket):
                 if name not in params:
                     raise ValueError(f"weight sync: the learner sent {name!r}, which this model does not "
                                      f"have (different architecture or weight tying?)")
-                if tuple(params[name].shape) != tuple(shape):
-                    raise ValueError(f"weight sync: {name!r} has shape {tuple(shape)} from the learner "
+                if params[name].shape != tensor.shape:
+                    raise ValueError(f"weight sync: {name!r} has shape {tuple(tensor.shape)} from the learner "
                                      f"but {tuple(params[name].shape)} here")
-                params[name].copy_(part.view(shape))
+                params[name].copy_(tensor)
                 loaded.add(name)
     missing = sorted(set(params) - loaded)
     if strict and missing:

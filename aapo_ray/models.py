@@ -358,14 +358,12 @@ def generate_completions(model, tokenizer, prompts: Sequence[str], *, temperatur
     batches (padding done here, the tokenizer is not modified), no special tokens added,
     ``temperature <= 0`` = greedy, no top-k / repetition penalty whatever the checkpoint's
     generation_config says. Seeded; the global RNG state is restored afterwards."""
+    from aapo_ray.backends import eos_token_ids, left_pad
+
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eos = {tokenizer.eos_token_id}
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    eos |= set(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos])
-    eos.discard(None)
     greedy = temperature is None or temperature <= 0
     kw = dict(do_sample=not greedy, max_new_tokens=max_new_tokens, pad_token_id=pad_id,
-              eos_token_id=sorted(eos), repetition_penalty=1.0)
+              eos_token_id=eos_token_ids(model, tokenizer), repetition_penalty=1.0)
     if not greedy:
         kw.update(temperature=float(temperature), top_p=float(top_p), top_k=0)
     device = next(model.parameters()).device
@@ -376,14 +374,9 @@ def generate_completions(model, tokenizer, prompts: Sequence[str], *, temperatur
         with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
             torch.manual_seed(seed)
             for b in range(0, len(prompts), batch_size):
-                enc = [tokenizer(p, add_special_tokens=False)["input_ids"]
-                       for p in prompts[b : b + batch_size]]
-                L = max(len(e) for e in enc)
-                ids = torch.full((len(enc), L), pad_id, dtype=torch.long)
-                att = torch.zeros((len(enc), L), dtype=torch.long)
-                for i, e in enumerate(enc):
-                    ids[i, L - len(e):] = torch.tensor(e, dtype=torch.long)
-                    att[i, L - len(e):] = 1
+                enc = tokenizer(list(prompts[b : b + batch_size]), add_special_tokens=False)["input_ids"]
+                ids, att = left_pad(enc, pad_id)
+                L = ids.shape[1]
                 outs = model.generate(input_ids=ids.to(device), attention_mask=att.to(device), **kw)
                 texts += tokenizer.batch_decode(outs[:, L:], skip_special_tokens=True)
     finally:
