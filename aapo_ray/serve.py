@@ -12,10 +12,31 @@ incremental with the ``hf`` backend: ``model.generate`` gets a batched streamer 
 streamer argument, so the replica wraps its model's ``generate`` to pass one) and each request's
 text is decoded as its tokens arrive, holding back a partial character or a possible stop-string
 prefix. The final text of every choice is ``backend.generate``'s own (EOS and stop handling
-included). With ``sglang`` a stream gets its text in one chunk when generation ends. A request
-whose client goes away still finishes its share of the batch. ``batch_wait_timeout_s`` (0.01)
-favours latency; raise it (e.g. 0.05) for throughput under many concurrent clients.
-The model directory must be readable on every node that runs a replica.
+included). With ``sglang`` a stream gets its text in one chunk when generation ends.
+``batch_wait_timeout_s`` (0.01) favours latency; raise it (e.g. 0.05) for throughput under many
+concurrent clients. The model directory must be readable on every node that runs a replica.
+
+Hostile or broken clients (all limits per replica, OpenAI-style JSON errors, tested over raw sockets):
+
+- body larger than ``max_body_bytes`` (1 MiB): 413, from ``Content-Length`` before reading, or as
+  soon as a chunked body passes the limit;
+- body not complete within ``body_timeout_s`` (10 s; a client that sends headers, then trickles
+  or stops sending the body): 408 ``body_timeout``. Serve hands a request to a replica once its
+  headers are in, so this bounds how long such a client holds one of ``max_ongoing_requests``;
+- request not answered within ``request_timeout_s`` (300 s, ``--request-timeout-s``; body, queue
+  and generation together): 504 ``request_timeout``, or in a stream an ``{"error": ...}`` event
+  then ``[DONE]``. A request that times out (or whose client goes away) before its batch started
+  is dropped from the queue; one already generating finishes its share of the batch (batched
+  generation cannot drop a row) and its result is discarded;
+- more than ``max_pending_requests`` requests (answered or abandoned, still queued or generating)
+  in the replica: 503 ``server_overloaded`` with ``Retry-After``;
+- a client that stops reading a stream holds only its own connection in Serve's HTTP proxy: the
+  replica finishes the generation and serves everyone else. ``aapo serve`` also sets the proxy's
+  own ``request_timeout_s`` to ``request_timeout_s`` + 30 s as a backstop (a client can lift that
+  one with an ``x-request-timeout-seconds`` header; the replica's deadline it cannot).
+
+Every replica binds Serve's inter-deployment gRPC server to its node's IP (Serve's own choice is
+all interfaces): with ``aapo serve`` on a local cluster nothing listens beyond 127.0.0.1 (tested).
 
 Deploy: ``aapo serve RUN_DIR``, or ``serve run aapo_ray.serve:app_builder model=RUN_DIR`` /
 a KubeRay RayService ``import_path: aapo_ray.serve:app_builder`` with ``args: {model: ...}``.
@@ -35,7 +56,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from aapo_ray.openai_api import (MAX_PROMPTS, APIError, ChatRequest, CompletionRequest, StreamText, chunk_body,
                                  completion_body, include_usage, model_card, models_body, new_id, parse_request,
@@ -97,6 +118,7 @@ class Job:
     n: int
     params: Any  # backends.SamplingParams
     stream: bool
+    started: bool = False  # set when its batch starts; before that, dropping the job is free
 
 
 class _RowStreamer:
@@ -116,6 +138,32 @@ class _RowStreamer:
         self.rows = None
 
 
+def _bind_replica_grpc_to_node_ip() -> None:
+    """Ray Serve starts an inter-deployment gRPC server in every replica on ``[::]:0``: all interfaces,
+    whatever the node's IP (127.0.0.1 on a local cluster). Called in the replica before Serve starts
+    that server, this makes it bind the node's IP instead (reachable from the rest of the cluster all
+    the same). A no-op if this Ray has no such hook (tests/test_secure_defaults.py checks the result).
+    """
+    try:
+        import ray
+        from ray.serve._private import replica as replica_module
+    except ImportError:
+        return
+    original = getattr(replica_module, "add_port_to_grpc_server", None)
+    if original is None or getattr(original, "aapo_node_ip", False):
+        return
+    ip = ray.util.get_node_ip_address()
+    host = f"[{ip}]" if ":" in ip else ip
+
+    def add_port(server, address: str):
+        if address.startswith(("[::]:", "0.0.0.0:")):
+            address = f"{host}:{address.rsplit(':', 1)[1]}"
+        return original(server, address)
+
+    add_port.aapo_node_ip = True
+    replica_module.add_port_to_grpc_server = add_port
+
+
 class OpenAIServer:
     """A Serve replica: the backend, request validation, the ``@serve.batch`` queue, the FastAPI app."""
 
@@ -127,6 +175,7 @@ class OpenAIServer:
         from aapo_ray.backends import make_backend
         from aapo_ray.launch import setup_actor_process
 
+        _bind_replica_grpc_to_node_ip()
         o = ServeOptions(**options)
         setup_actor_process(o.torch_threads)
         self.backend = make_backend(o.backend, model_path, trust_remote_code=o.trust_remote_code, dtype=o.dtype,
@@ -168,6 +217,8 @@ class OpenAIServer:
 
     async def _run_batch(self, jobs: list[Job]):
         """Batch handler: yields, per step, a list with each job's new events (or StopIteration once done)."""
+        for job in jobs:  # before any await: a job cancelled after this point is generated anyway
+            job.started = True
         loop = asyncio.get_running_loop()
         finished = [False] * len(jobs)
         groups: dict[tuple, list[int]] = {}
@@ -216,17 +267,27 @@ class OpenAIServer:
             raise APIError(401, "missing or invalid API key (send 'Authorization: Bearer <key>')",
                            type="authentication_error", code="invalid_api_key")
 
-    async def _body(self, request) -> bytes:
+    async def _body(self, request, deadline: float) -> bytes:
+        """The whole body, at most ``max_body_bytes`` (413), within ``body_timeout_s`` (408)."""
         limit = self.o.max_body_bytes
         length = request.headers.get("content-length", "")
         too_big = APIError(413, f"request body larger than {limit} bytes", code="request_too_large")
         if length.isdigit() and int(length) > limit:
             raise too_big
         body = bytearray()
-        async for part in request.stream():
-            body += part
-            if len(body) > limit:
-                raise too_big
+
+        async def read():
+            async for part in request.stream():
+                body.extend(part)
+                if len(body) > limit:
+                    raise too_big
+
+        wait = min(self.o.body_timeout_s, deadline - time.monotonic())
+        try:
+            await asyncio.wait_for(read(), max(wait, 0.0))
+        except asyncio.TimeoutError:
+            raise APIError(408, f"the request body was not received within {wait:.3g}s "
+                           f"({len(body)} bytes arrived)", code="body_timeout") from None
         return bytes(body)
 
     def _job(self, req, chat: bool) -> Job:
@@ -246,9 +307,18 @@ class OpenAIServer:
                                 seed=req.seed, stop=stops)
         return Job(prompts, req.n, params, req.stream)
 
-    async def _events(self, job: Job):
-        """The job's events. A task reads serve.batch's stream to its end even if the client goes away
-        (cancelling a read would leave serve.batch's later per-step futures never awaited)."""
+    def _timeout(self) -> APIError:
+        return APIError(504, f"the request did not finish within request_timeout_s={self.o.request_timeout_s:g}s; "
+                        "ask for fewer tokens or retry later", type="server_error", code="request_timeout")
+
+    async def _events(self, job: Job, deadline: float):
+        """The job's events, until ``deadline`` (then a 504 :class:`APIError`).
+
+        A task reads serve.batch's stream. If the reader stops (deadline, client gone) before the
+        job's batch started, the task is cancelled: serve.batch drops a cancelled request from its
+        queue. Once started, the task reads the stream to its end (cancelling it then would leave
+        serve.batch's later per-step futures never awaited), and the events are discarded.
+        """
         results, queue = self.batched(job), asyncio.Queue()
 
         async def pump():
@@ -262,25 +332,40 @@ class OpenAIServer:
         task = asyncio.get_running_loop().create_task(pump())
         self.pumps.add(task)
         task.add_done_callback(self.pumps.discard)
-        while (events := await queue.get()) is not None:
-            if isinstance(events, Exception):
-                raise events
-            for event in events:
-                yield event
+        try:
+            while True:
+                try:
+                    events = await asyncio.wait_for(queue.get(), max(0.0, deadline - time.monotonic()))
+                except asyncio.TimeoutError:
+                    raise self._timeout() from None
+                if events is None:
+                    break
+                if isinstance(events, Exception):
+                    raise events
+                for event in events:
+                    yield event
+        finally:
+            if not job.started:
+                task.cancel()
 
     async def _complete(self, request, chat: bool):
         from fastapi.responses import JSONResponse, StreamingResponse
 
+        deadline = time.monotonic() + self.o.request_timeout_s
         self._auth(request)
-        req = parse_request(await self._body(request), ChatRequest if chat else CompletionRequest)
+        req = parse_request(await self._body(request, deadline), ChatRequest if chat else CompletionRequest)
         job = self._job(req, chat)
+        if len(self.pumps) >= self.o.max_pending_requests:
+            raise APIError(503, f"server overloaded: {len(self.pumps)} requests queued or generating in this "
+                           "replica; retry later", type="server_error", code="server_overloaded",
+                           headers={"Retry-After": "1"})
         rid, prompt_tokens = new_id("chatcmpl" if chat else "cmpl"), sum(len(p) for p in job.prompts)
         if job.stream:
-            return StreamingResponse(self._stream(job, rid, chat, prompt_tokens, include_usage(req)),
+            return StreamingResponse(self._stream(job, deadline, rid, chat, prompt_tokens, include_usage(req)),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         choices: dict[int, tuple[str, str]] = {}
         completion_tokens = 0
-        async for event in self._events(job):
+        async for event in self._events(job, deadline):
             if event[0] == "error":
                 raise APIError(500, event[1], type="server_error", code="generation_failed")
             if event[0] == "done":
@@ -290,13 +375,13 @@ class OpenAIServer:
                                completion_tokens, chat)
         return JSONResponse(body)
 
-    async def _stream(self, job: Job, rid: str, chat: bool, prompt_tokens: int, with_usage: bool):
+    async def _stream(self, job: Job, deadline: float, rid: str, chat: bool, prompt_tokens: int, with_usage: bool):
         completion_tokens = 0
         if chat:
             for c in range(len(job.prompts) * job.n):
                 yield sse(chunk_body(rid, self.name, c, chat, text="", role=True))
         try:
-            async for event in self._events(job):
+            async for event in self._events(job, deadline):
                 if event[0] == "delta":
                     yield sse(chunk_body(rid, self.name, event[1], chat, text=event[2]))
                 elif event[0] == "done":
@@ -304,6 +389,8 @@ class OpenAIServer:
                     yield sse(chunk_body(rid, self.name, event[1], chat, finish_reason=event[3]))
                 else:
                     yield sse(APIError(500, event[1], type="server_error", code="generation_failed").body())
+        except APIError as exc:  # e.g. the request timeout: the response has started, report in-band
+            yield sse(exc.body())
         except Exception as exc:  # the response has started: report in-band
             log.exception("streaming failed")
             yield sse(APIError(500, f"{type(exc).__name__}: {exc}", type="server_error").body())
@@ -321,7 +408,7 @@ class OpenAIServer:
 
         @app.exception_handler(APIError)
         async def api_error(_request, exc: APIError):
-            return JSONResponse(exc.body(), status_code=exc.status)
+            return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
         @app.exception_handler(HTTPException)
         async def http_error(_request, exc: HTTPException):
@@ -378,7 +465,10 @@ class ServeOptions(BaseModel):
     batch_wait_timeout_s: float = 0.01
     max_tokens_limit: Optional[int] = None  # default: the context length
     max_n: int = 16
-    max_body_bytes: int = 1 << 20
+    max_body_bytes: int = Field(1 << 20, ge=1)
+    body_timeout_s: float = Field(10.0, gt=0)  # the whole body must arrive within this
+    request_timeout_s: float = Field(300.0, gt=0)  # body + queue + generation, per request
+    max_pending_requests: int = Field(256, ge=1)  # queued or generating (incl. abandoned) per replica
     api_key_sha256: Optional[str] = None
 
 
@@ -392,6 +482,7 @@ def build_app(model: str, *, checkpoint: str | None = None, name: str | None = N
     model_dir, default_name = resolve_model_dir(model, checkpoint)
     if api_key:  # replicas only ever see its hash
         options["api_key_sha256"] = _sha256(api_key)
+    options.setdefault("max_pending_requests", max(256, 4 * int(max_ongoing_requests)))
     opts = ServeOptions(**options)
     if isinstance(autoscaling_config, str):
         autoscaling_config = json.loads(autoscaling_config)
@@ -450,6 +541,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--batch-wait-timeout", type=float, default=0.01, help="seconds a batch waits to fill")
     p.add_argument("--max-tokens-limit", type=int, default=None, help="largest max_tokens (default: context)")
     p.add_argument("--max-n", type=int, default=16)
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
+    p.add_argument("--body-timeout-s", type=float, default=10.0,
+                   help="a request body must arrive within this (slow clients get 408)")
+    p.add_argument("--request-timeout-s", type=float, default=300.0,
+                   help="a request not answered within this gets a 504 OpenAI-style error (default 300)")
     p.add_argument("--torch-threads", type=int, default=1)
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--allow-pickle", action="store_true", help="load .bin (pickle) weights")
@@ -467,7 +563,9 @@ def run(args: argparse.Namespace) -> int:
                         num_gpus=args.num_gpus, backend=args.backend, dtype=args.dtype, device=args.device,
                         max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_timeout,
                         max_tokens_limit=args.max_tokens_limit, max_n=args.max_n, torch_threads=args.torch_threads,
-                        trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
+                        trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle,
+                        max_body_bytes=args.max_body_bytes, body_timeout_s=args.body_timeout_s,
+                        request_timeout_s=args.request_timeout_s)
     except (OSError, ValueError) as exc:
         print(f"aapo serve: {exc}", file=sys.stderr)
         return 2
@@ -476,7 +574,8 @@ def run(args: argparse.Namespace) -> int:
     from aapo_ray.launch import init_ray  # imported (env set) by build_app before ray
 
     init_ray(args.address, torch_threads=args.torch_threads)
-    serve.start(http_options={"host": args.host, "port": args.port})
+    # the proxy's own timeout is a backstop (plain-text 408, a client can lift it); the replica's comes first
+    serve.start(http_options={"host": args.host, "port": args.port, "request_timeout_s": args.request_timeout_s + 30})
     name = args.name or resolve_model_dir(args.model, args.checkpoint)[1]
     try:
         serve.run(app, name="aapo-serve", route_prefix="/", blocking=False)

@@ -4,9 +4,11 @@ called with the official ``openai`` client (and ``requests`` for raw bodies)."""
 import json
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,8 @@ KEY = "test-key-not-secret"
 NAME = "tiny-served"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 BODY_LIMIT = 64 * 1024
+BODY_TIMEOUT = 2.0
+APP = "aapo-serve-test"
 
 
 def _free_port() -> int:
@@ -34,8 +38,8 @@ def server(ray_cluster, tiny_model_path):
     serve.shutdown()  # a Serve left by another module would keep its own HTTP options
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     app = build_app(tiny_model_path, name=NAME, api_key=KEY, max_body_bytes=BODY_LIMIT, max_batch_size=16,
-                    max_n=8, num_cpus=1)
-    serve.run(app, name="aapo-serve-test", route_prefix="/")
+                    max_n=8, num_cpus=1, body_timeout_s=BODY_TIMEOUT)
+    serve.run(app, name=APP, route_prefix="/")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
 
@@ -254,6 +258,309 @@ def test_32_concurrent_streaming_clients(server, questions):
     assert sorted(results) == list(range(32))
     for parts in results.values():
         assert "".join(text for text, _ in parts) and parts[-1][1] in ("stop", "length")
+
+
+# ----------------------------------------------------------------------------- hostile clients (raw sockets)
+def _port(server) -> int:
+    return int(server.rsplit(":", 1)[1])
+
+
+def _sock(server, rcvbuf: int | None = None) -> socket.socket:
+    s = socket.socket()
+    if rcvbuf:  # before connect: caps the TCP window the server may fill
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    s.settimeout(10)
+    s.connect(("127.0.0.1", _port(server)))
+    return s
+
+
+def _head(path: str, length: int | None, extra: str = "") -> bytes:
+    cl = f"Content-Length: {length}\r\n" if length is not None else ""
+    return (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEY}\r\n"
+            f"Content-Type: application/json\r\nConnection: close\r\n{cl}{extra}\r\n").encode()
+
+
+def _response(s: socket.socket, within: float) -> tuple[int, bytes]:
+    """(status, body) of an HTTP/1.1 response on a 'Connection: close' socket, read for at most ``within`` s."""
+    data, end = b"", time.monotonic() + within
+    while time.monotonic() < end:
+        s.settimeout(max(0.05, end - time.monotonic()))
+        try:
+            part = s.recv(65536)
+        except (socket.timeout, TimeoutError):
+            break
+        except OSError:
+            break
+        if not part:
+            break
+        data += part
+    head, _, body = data.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1]) if head.startswith(b"HTTP/1.") else 0
+    if b"transfer-encoding: chunked" in head.lower():  # de-chunk
+        out, rest = b"", body
+        while rest:
+            size, _, rest = rest.partition(b"\r\n")
+            n = int(size.split(b";")[0] or b"0", 16)
+            if n == 0:
+                break
+            out, rest = out + rest[:n], rest[n + 2:]
+        body = out
+    return status, body
+
+
+def _replicas(app: str) -> set:
+    """The app's replica actors by name: a replica that died and was replaced has a new name."""
+    import ray
+
+    names = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if app in a["name"] and "OpenAIServer" in a["name"]}
+    assert names, "no replica of the app found: the restart check would check nothing"
+    return names
+
+
+def _ok(client, stream=False) -> float:
+    """One small request with the official client; its latency in seconds."""
+    t = time.monotonic()
+    if stream:
+        text = "".join(c.choices[0].text for c in client.completions.create(
+            model=NAME, prompt="1+1", max_tokens=4, temperature=0, stream=True))
+    else:
+        text = client.completions.create(model=NAME, prompt="1+1", max_tokens=4, temperature=0).choices[0].text
+    assert text
+    return time.monotonic() - t
+
+
+def test_slow_body_clients_get_408_and_others_are_served(server, client):
+    """Slowloris on the body: clients that send headers, then trickle (or never send) the body hold a
+    replica slot for at most body_timeout_s, get an OpenAI-style 408, and block nobody meanwhile."""
+    before = _replicas(APP)
+    body = json.dumps({"prompt": "1+1", "max_tokens": 2}).encode()
+    slow = [_sock(server) for _ in range(8)]
+    for i, s in enumerate(slow):
+        s.sendall(_head("/v1/completions", len(body) + 100 if i % 2 else None,
+                        "" if i % 2 else "Transfer-Encoding: chunked\r\n"))
+    stop = threading.Event()
+
+    padded = body + b" " * 64  # JSON allows trailing blanks: every trickled byte is valid
+
+    def trickle():  # one byte per socket every 0.2 s, bounded in count and time
+        for k in range(40):
+            if stop.wait(0.2):
+                return
+            for i, s in enumerate(slow):
+                try:
+                    s.sendall(padded[k:k + 1] if i % 2 else b"1\r\n" + padded[k:k + 1] + b"\r\n")
+                except OSError:
+                    pass
+
+    mute = _sock(server)  # headers, a few body bytes, then silence
+    mute.sendall(_head("/v1/completions", len(body)) + body[:5])
+    t0 = time.monotonic()
+    thread = threading.Thread(target=trickle, daemon=True)
+    thread.start()
+    try:
+        latencies = [_ok(client, stream=bool(i % 2)) for i in range(4)]
+        assert max(latencies) < BODY_TIMEOUT + 10, latencies  # served while the slow ones hang on
+        for s in slow + [mute]:
+            status, text = _response(s, BODY_TIMEOUT + 20)
+            assert status == 408, (status, text[:300])
+            err = json.loads(text)["error"]
+            assert err["code"] == "body_timeout" and "not received within" in err["message"]
+        assert time.monotonic() - t0 < BODY_TIMEOUT + 20
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        for s in slow + [mute]:
+            s.close()
+    _ok(client)
+    assert _replicas(APP) == before, "the replica was restarted"
+
+
+def test_slow_headers_garbage_and_lying_lengths(server, client):
+    before = _replicas(APP)
+    stalled = [_sock(server) for _ in range(16)]  # slowloris on the headers: never finish them
+    for i, s in enumerate(stalled):
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow-" + str(i).encode())
+    try:
+        assert _ok(client) < 30
+        huge = _sock(server)  # claims 1 TB: refused from the header, before any body byte
+        huge.sendall(_head("/v1/completions", 10**12))
+        status, text = _response(huge, 20)
+        assert status == 413 and json.loads(text)["error"]["code"] == "request_too_large"
+        huge.close()
+        # a TLS hello, a 4 MB header (Serve's proxy accepts it: 404), NUL bytes, a broken chunked body
+        for junk in (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(200),
+                     b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Big: " + b"a" * 4_000_000 + b"\r\n\r\n",
+                     b"\x00" * 1000 + b"\r\n\r\n",
+                     _head("/v1/completions", None, "Transfer-Encoding: chunked\r\n") + b"zz\r\nbad\r\n"):
+            s = _sock(server)
+            try:
+                s.sendall(junk)
+            except OSError:  # the server may close on us mid-send: also fine
+                pass
+            status, _ = _response(s, 20)
+            assert status == 0 or 400 <= status < 500, status  # refused, closed or a 4xx: never a hang or 5xx
+            s.close()
+        assert _ok(client, stream=True) < 30
+    finally:
+        for s in stalled:
+            s.close()
+    assert _replicas(APP) == before
+
+
+def test_stalled_stream_reader_and_abrupt_disconnects(server, client, questions):
+    """A client that stops reading a big stream, and clients that vanish mid-request (RST), cost others
+    nothing; the stalled stream still arrives whole once its client reads again."""
+    before = _replicas(APP)
+    big = {"prompt": [q + "\n" for q in questions] * 2 + [questions[0] + "\n"] * 2, "n": 8, "max_tokens": 100,
+           "temperature": 1.0, "seed": 3, "stream": True}
+    data = json.dumps(big).encode()
+    stalled = _sock(server, rcvbuf=4096)
+    stalled.sendall(_head("/v1/completions", len(data)) + data)  # 64 choices streamed, not read
+    for i in range(12):  # requests whose clients vanish mid-flight (RST), streaming or not
+        s = _sock(server)
+        body = json.dumps({"prompt": questions[i % 3] + "\n", "max_tokens": 60, "stream": bool(i % 2)}).encode()
+        s.sendall(_head("/v1/completions", len(body)) + body)
+        if i % 3:
+            time.sleep(0.05)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.close()
+    try:
+        latencies = [_ok(client, stream=bool(i % 2)) for i in range(6)]
+        assert max(latencies) < 30, latencies
+        status, text = _response(stalled, 120)  # now read it all
+        assert status == 200
+        events = [line[6:] for line in text.split(b"\n") if line.startswith(b"data: ")]
+        assert events[-1] == b"[DONE]"
+        finished = {json.loads(e)["choices"][0]["index"] for e in events[:-1]
+                    if json.loads(e)["choices"][0]["finish_reason"]}
+        assert finished == set(range(64))
+    finally:
+        stalled.close()
+    _ok(client)
+    assert _replicas(APP) == before
+
+
+@pytest.fixture(scope="module")
+def timeout_server(server, tiny_model_path):
+    """A second app whose batches wait 1 s to fill but whose requests may take 0.3 s: every request times out."""
+    from ray import serve
+
+    from aapo_ray.serve import build_app
+
+    app = build_app(tiny_model_path, name="slow", request_timeout_s=0.3, batch_wait_timeout_s=1.0,
+                    max_batch_size=64, num_cpus=0.5)
+    serve.run(app, name="aapo-serve-timeout", route_prefix="/slow")
+    yield f"{server}/slow"
+    serve.delete("aapo-serve-timeout")
+
+
+def test_request_timeout_is_an_openai_error(timeout_server):
+    url = f"{timeout_server}/v1/completions"
+    t0 = time.monotonic()
+    r = requests.post(url, json={"prompt": "1+1", "max_tokens": 4}, timeout=30)
+    assert r.status_code == 504, r.text
+    err = r.json()["error"]
+    assert err["code"] == "request_timeout" and err["type"] == "server_error" and "0.3s" in err["message"]
+    assert time.monotonic() - t0 < 10
+    r = requests.post(url, json={"prompt": "1+1", "max_tokens": 4, "stream": True}, timeout=30)
+    assert r.status_code == 200  # the stream had started: the error comes in-band, then [DONE]
+    events = [line[6:] for line in r.content.split(b"\n") if line.startswith(b"data: ")]
+    assert events[-1] == b"[DONE]" and json.loads(events[-2])["error"]["code"] == "request_timeout"
+    assert requests.get(f"{timeout_server}/health", timeout=30).json()["status"] == "ok"
+
+
+# ----------------------------------------------------------------------------- timeouts and overload (no Ray)
+@pytest.fixture
+def bare_server(reference, monkeypatch):
+    """An OpenAIServer without a replica around it: a real serve.batch queue, a slow fake backend."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ray import serve
+    from ray.serve import batching
+
+    from aapo_ray.backends import Completions
+    from aapo_ray.serve import OpenAIServer, ServeOptions
+
+    # serve.batch asks the replica context for max_ongoing_requests only to print a warning
+    monkeypatch.setattr(batching._BatchQueue, "_warn_if_max_batch_size_exceeds_max_ongoing_requests",
+                        lambda self: None)
+
+    class SlowBackend:
+        calls = 0
+
+        def generate(self, prompts, params):
+            SlowBackend.calls += 1
+            time.sleep(0.5)
+            return Completions([[1]] * len(prompts), ["x"] * len(prompts), ["length"] * len(prompts))
+
+    def make(wait: float, **options):
+        srv = object.__new__(OpenAIServer)
+        srv.backend, srv.tokenizer, srv.eos_ids = SlowBackend(), reference.tokenizer, {2}
+        srv.pool, srv.streamer, srv.can_stream, srv.pumps = ThreadPoolExecutor(1), None, False, set()
+        srv.o, srv.key_hash, srv.name = ServeOptions(**options), None, NAME
+        srv.vocab, srv.context, srv.max_tokens = len(reference.tokenizer), 128, 128
+        srv.batched = serve.batch(max_batch_size=8, batch_wait_timeout_s=wait)(srv._run_batch)
+        return srv
+
+    return make, SlowBackend
+
+
+def test_timed_out_jobs_are_dropped_before_their_batch_and_drained_after(bare_server):
+    import asyncio
+
+    from aapo_ray.backends import SamplingParams
+    from aapo_ray.openai_api import APIError
+    from aapo_ray.serve import Job
+
+    make, backend = bare_server
+
+    async def collect(srv, within):
+        return [e async for e in srv._events(Job([[5]], 1, SamplingParams(), False), time.monotonic() + within)]
+
+    async def scenario():
+        srv = make(0.4)  # the batch waits 0.4 s to fill; the request may wait 0.1 s
+        with pytest.raises(APIError) as e:
+            await collect(srv, 0.1)
+        assert (e.value.status, e.value.code) == (504, "request_timeout")
+        await asyncio.sleep(0.8)
+        assert backend.calls == 0 and not srv.pumps  # dropped from the queue: never generated
+
+        srv = make(0.0)  # the batch starts at once, generation takes 0.5 s, the request may wait 0.1 s
+        with pytest.raises(APIError):
+            await collect(srv, 0.1)
+        assert len(srv.pumps) == 1  # started: still draining
+        await asyncio.sleep(0.8)
+        assert backend.calls == 1 and not srv.pumps
+        assert await collect(srv, 5) == [("done", 0, "x", "length", 1)]  # the queue works on
+
+    asyncio.run(scenario())
+
+
+def test_overload_is_a_503_with_retry_after(bare_server):
+    import asyncio
+
+    from aapo_ray.openai_api import APIError
+
+    make, _ = bare_server
+
+    class FakeRequest:
+        headers = {"content-length": "40"}
+
+        async def stream(self):
+            yield json.dumps({"prompt": "1+1", "max_tokens": 2}).encode()
+
+    async def scenario():
+        srv = make(0.0, max_pending_requests=2)
+        srv.pumps.update({object(), object()})  # two abandoned requests still generating
+        with pytest.raises(APIError) as e:
+            await srv._complete(FakeRequest(), chat=False)
+        assert (e.value.status, e.value.code, e.value.headers) == (503, "server_overloaded", {"Retry-After": "1"})
+        srv.pumps.clear()
+        response = await srv._complete(FakeRequest(), chat=False)
+        assert json.loads(response.body)["choices"][0]["text"] == "x"
+
+    asyncio.run(scenario())
 
 
 # ----------------------------------------------------------------------------- CLI and model resolution
