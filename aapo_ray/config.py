@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import math
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -140,6 +141,11 @@ class Config(Section):
     @model_validator(mode="after")
     def _combinations(self) -> "Config":
         algo, roll, learn = self.algo, self.rollout, self.learner
+        if not self.reward.functions:
+            raise ValueError("reward.functions is empty; name at least one, e.g. {accuracy: 1.0}")
+        bad = {k: w for k, w in self.reward.functions.items() if not math.isfinite(w)}
+        if bad:
+            raise ValueError(f"reward.functions weights must be finite numbers, got {bad}")
         if algo.scale_rewards and algo.group_size < 2:
             raise ValueError("algo.group_size=1 with algo.scale_rewards=true: the std of one sample is "
                              "undefined; use group_size >= 2 or scale_rewards=false")

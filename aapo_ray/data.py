@@ -194,6 +194,10 @@ def _text_field(row: dict, name: str, what: str) -> str:
             raise _BadRow(f"{what} field {name!r} is not valid UTF-8") from None
     if not isinstance(v, str):
         raise _BadRow(f"{what} field {name!r} is not a string ({type(v).__name__})")
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:  # e.g. a JSON escape of a lone surrogate, "\ud800"
+        raise _BadRow(f"{what} field {name!r} is not valid UTF-8 text (lone surrogate)") from None
     if not v.strip():
         raise _BadRow(f"empty {what} field {name!r}")
     return v

@@ -109,12 +109,6 @@ def _load_model(cfg: Config, model_path: str):
                                     dtype=torch.float32, allow_pickle=cfg.model.allow_pickle)
 
 
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 # ----------------------------------------------------------------------------- weight buckets
 def bucket_parameters(named: Iterable[tuple[str, torch.Tensor]], bucket_mb: float) -> list[tuple]:
     """Group tensors into flat contiguous CPU buckets of <= ``bucket_mb`` MB per dtype.
@@ -193,9 +187,11 @@ class LearnerActor:
         self.engine = None
 
     def master_address(self) -> tuple[str, int]:
-        """(node IP, free port) for the rendezvous; called on rank 0."""
+        """(node IP, port) of the rendezvous store; called on rank 0, which holds the socket open
+        (bound to the node IP only, and no race for the port between choosing and listening)."""
         host = ray.util.get_node_ip_address()
-        return host, _free_port(host)
+        self._listener = socket.create_server((host, 0), backlog=128)
+        return host, self._listener.getsockname()[1]
 
     def setup(self, master_addr: str, master_port: int) -> dict:
         """Join the process group, load the model(s) and build the DeepSpeed engine."""
@@ -217,8 +213,14 @@ class LearnerActor:
         import torch.distributed.distributed_c10d as c10d
 
         c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
+        # env:// would make rank 0's TCPStore listen on every interface: give it our bound socket.
+        listen = {"master_listen_fd": self._listener.fileno()} if self.rank == 0 else {}
+        store = torch.distributed.TCPStore(master_addr, master_port, self.world_size, is_master=self.rank == 0,
+                                           timeout=timeout, use_libuv=True, **listen)
+        torch.distributed.init_process_group(self.backend, store=store, rank=self.rank,
+                                             world_size=self.world_size, timeout=timeout)
         deepspeed.init_distributed(dist_backend=self.backend, timeout=timeout, verbose=False,
-                                   auto_mpi_discovery=False)
+                                   auto_mpi_discovery=False)  # adopts the group above
 
         lc, algo = self.cfg.learner, self.cfg.algo
         model, self.tokenizer = _load_model(self.cfg, self.model_path)

@@ -110,11 +110,13 @@ def load_model_and_tokenizer(path, *, trust_remote_code: bool = False, dtype=tor
                                   "Face hub id / in the HF cache)")
         raise ValueError(f"cannot read the model config of {path!r}{where}: {e}") from e
     archs = list(getattr(config, "architectures", None) or [])
-    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not (
+    headless = archs and not any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in archs)
+    if headless or config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not (
             trust_remote_code and "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})):
         raise ValueError(
             f"{path!r} is a {config.model_type!r} checkpoint (architectures {archs}), not a "
-            "causal language model; AAPO needs a decoder-only causal LM (e.g. Llama, Qwen2)")
+            "causal language model with an LM head; AAPO needs a decoder-only causal LM "
+            "(e.g. LlamaForCausalLM, Qwen2ForCausalLM)")
     if local and not any((p / f).is_file() for f in _TOKENIZER_FILES):
         raise FileNotFoundError(f"model directory {path!r} has no tokenizer files (one of "
                                 f"{', '.join(_TOKENIZER_FILES)}); save the tokenizer there "
@@ -123,8 +125,9 @@ def load_model_and_tokenizer(path, *, trust_remote_code: bool = False, dtype=tor
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, trust_remote_code=trust_remote_code,
             use_safetensors=None if allow_pickle else True)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot load the causal LM in {path!r}: {e}") from e
+    except Exception as e:  # noqa: BLE001 - safetensors/shape errors do not name the directory
+        raise ValueError(f"cannot load the causal LM in {path!r} (damaged or mismatched weights?): "
+                         f"{type(e).__name__}: {e}") from e
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError) as e:

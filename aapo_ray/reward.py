@@ -77,6 +77,9 @@ def _parse_gold(gold: str) -> list:
     return parsed or parse(gold, _DEFAULT, parsing_timeout=t)
 
 
+_SCIENTIFIC = re.compile(r"(\d[\d.]*)[eE]([+-]?\d+)\b")
+
+
 def _parse_completion(completion: str) -> list:
     """``\\boxed{}`` first, then GSM8K forms, then math-verify's own last-expression rule."""
     t = _mv_timeout()
@@ -90,6 +93,7 @@ def _parse_completion(completion: str) -> list:
     if last is not None:
         snippet = next(g for g in last.groups() if g is not None)
         snippet = _SENTENCE_END.split(snippet, maxsplit=1)[0].strip()
+        snippet = _SCIENTIFIC.sub(r"\1\\times10^{\2}", snippet)  # "1e5" is 10^5, not its mantissa
         if "\\" in snippet and "$" not in snippet:
             snippet = f"${snippet}$"
         parsed = parse(snippet, _DEFAULT, parsing_timeout=t) if snippet else []

@@ -34,8 +34,6 @@ serving (tests/test_serve.py)
   - ``BAD`` / ``test_bad_request_is_a_json_4xx``: malformed JSON and every field out of range;
   - oversized bodies, slow and vanishing clients, timeouts: the ``hostile clients`` section.
 
-Known gaps are ``xfail(strict=True)`` here, each naming the module to change: they fail loudly
-(XPASS) once fixed, so the marker goes with the fix.
 """
 
 from __future__ import annotations
@@ -96,9 +94,6 @@ def test_config_file_with_several_errors_names_each(tmp_path):
         load_config(path)
 
 
-@pytest.mark.xfail(strict=True, reason="aapo_ray/config.py RewardConfig: weights are not checked for finiteness "
-                   "and an empty reward.functions is accepted; BatchScorer refuses both only later, inside the "
-                   "scorer actors, after the cluster and the other roles have started")
 @pytest.mark.parametrize("override", ["reward.functions={accuracy: .nan}", "reward.functions={accuracy: .inf}",
                                       "reward.functions={}"])
 def test_reward_weights_checked_before_start(override):
@@ -147,9 +142,6 @@ def test_bad_data_rows_are_counted_skips_or_named_errors(tmp_path, case):
         load_prompt_dataset(path, bad_rows="fail")
 
 
-@pytest.mark.xfail(strict=True, reason="aapo_ray/data.py _text_field: a JSON escape of a lone surrogate "
-                   "(\"\\ud800\") is valid JSON and loads; tokenizing it later in driver.load_prompts fails for the "
-                   "whole data set with an unrelated TypeError. Reject strings that do not encode as UTF-8 per row")
 def test_lone_surrogate_row_is_a_counted_skip(tmp_path):
     from aapo_ray.data import load_prompt_dataset
 
@@ -271,10 +263,6 @@ def test_bad_model_directories_are_clear_errors(good_model, tmp_path):
         load_model_and_tokenizer(d)
 
 
-@pytest.mark.xfail(strict=True, reason="aapo_ray/models.py load_model_and_tokenizer: a truncated or garbage "
-                   "safetensors file raises safetensors' bare SafetensorError ('Error while deserializing header'), "
-                   "and a config/weights shape mismatch a RuntimeError pointing at a log report; neither names the "
-                   "directory (only OSError/ValueError are wrapped)")
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "shape-mismatch"])
 def test_damaged_weights_name_the_directory(good_model, tmp_path, damage):
     from aapo_ray.models import load_model_and_tokenizer
@@ -291,10 +279,6 @@ def test_damaged_weights_name_the_directory(good_model, tmp_path, damage):
         load_model_and_tokenizer(d)
 
 
-@pytest.mark.xfail(strict=True, reason="aapo_ray/models.py load_model_and_tokenizer: a checkpoint of a base model "
-                   "without LM head (architectures ['LlamaModel'] / ['BertModel']) passes the model_type check "
-                   "(llama and bert are in the causal-LM mapping) and loads with a randomly initialised head; "
-                   "check config.architectures or from_pretrained(..., output_loading_info=True)['missing_keys']")
 @pytest.mark.parametrize("kind", ["LlamaModel", "BertModel"])
 def test_checkpoint_without_lm_head_refused(tok, llama_config, tmp_path, kind):
     from transformers import BertConfig, BertModel, LlamaModel
@@ -375,9 +359,6 @@ def test_bad_completions_are_bounded_and_counted():
     print(f"\n{len(names)} bad completions scored in {wall:.1f}s: {c}")
 
 
-@pytest.mark.xfail(strict=True, reason="aapo_ray/reward.py _parse_completion: a GSM8K-style final answer in "
-                   "scientific notation ('The answer is 1e5') parses as its mantissa (1), a false positive against "
-                   "gold 1; rewrite <m>e<k> to <m>\\times10^{<k>} in the snippet before math-verify parses it")
 def test_scientific_notation_is_not_its_mantissa():
     from aapo_ray.reward import BatchScorer
 

@@ -3,7 +3,7 @@
 - a local cluster started by :func:`aapo_ray.launch.init_ray` (here: by ``aapo serve``) and Serve's
   HTTP proxy listen on loopback only: the listening TCP sockets of that command's whole process
   tree are inspected with psutil (only processes it started, never the session's other clusters);
-- the learners' torch.distributed rendezvous store listens on loopback only (known gap, xfail);
+- the learners' torch.distributed rendezvous store listens on loopback only;
 - model loading runs no code from the checkpoint by default: ``trust_remote_code`` is off in the
   config, the loaders and ``aapo serve``; a checkpoint whose ``auto_map`` module or pickle
   weights would write a marker file is refused and the marker never appears;
@@ -108,8 +108,6 @@ def test_aapo_serve_cluster_and_proxy_listen_only_on_loopback(tiny_model_path, t
             pass
 
 
-@pytest.mark.xfail(strict=True, reason="aapo_ray/learner.py LearnerActor.setup: env:// rendezvous makes rank 0 a "
-                   "torch TCPStore server, which binds all interfaces ('::'), whatever MASTER_ADDR says")
 def test_learner_rendezvous_listens_only_on_loopback(ray_cluster, tiny_model_path):
     from aapo_ray.config import load_config
     from aapo_ray.learner import LearnerGroup
