@@ -60,3 +60,12 @@ def test_resume_reproduces_the_uninterrupted_run(full_run, tiny_model_path, tmp_
     for a, b in zip(full[1:], resumed[1:]):
         for key in TRAIN_KEYS:
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a["step"], key)
+
+
+def test_a_run_the_cluster_cannot_hold_fails_before_any_actor(ray_cluster):
+    from aapo_ray.driver import check_cluster_fits
+
+    cfg = load_config(None, ["learner.num_learners=24", "rollout.prompts_per_step=8", "algo.group_size=6"])
+    with pytest.raises(ValueError, match=r"CPU: need 13\.25, cluster has 8"):
+        check_cluster_fits(cfg)
+    check_cluster_fits(load_config())  # the default run fits the test cluster
