@@ -1,0 +1,141 @@
+"""Does AAPO beat the baselines? AAPO vs GRPO vs GPG (AAPO without margin) vs Dr.GRPO.
+
+Synthetic arithmetic task, binary accuracy reward, the embedded warm-started model, the same step
+budget, lr and sampling for every estimator, 3 seeds (``run.seed``: prompt order, sampling and
+evaluation draws). Runs go seed by seed, the four estimators interleaved within a seed. Held-out
+accuracy is measured every ``eval_every`` steps on ``data.eval_limit`` test prompts x
+``run.eval_samples`` samples. Reported (median over seeds): final held-out accuracy, first step at
+which it reaches ``target`` (= warm-start accuracy + ``--gain``), mean training reward over the last
+quarter, s/step; and the signal diagnostics that explain the result: zero-variance group fraction,
+zero-advantage sample fraction, and for AAPO the applied margin vs the group term. With a binary
+reward the raw margin r - r~ is -1, 0 or +1, so it is always clipped: |m| = 0.2 (policy lost to the
+reference) or 0.28 (won), and E|m| = 0.2 * clipped_low_frac + 0.28 * clipped_high_frac.
+
+Usage: python benchmarks/aapo_vs_baselines.py [--quick] [--steps N] [--seeds 0 1 2] [--lr LR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+
+import numpy as np
+
+import _common as C
+
+ESTIMATORS = ["aapo", "grpo", "gpg", "dr_grpo"]
+COLORS = {"aapo": "#c44e52", "grpo": "#4c72b0", "gpg": "#55a868", "dr_grpo": "#8172b2"}
+
+
+def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
+    pts = [(r["step"], r[key]) for r in rows if key in r and r[key] is not None]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def run_summary(rows: list[dict], target: float, steps: int) -> dict:
+    es, ev = series(rows, "eval/accuracy")
+    train = [r for r in rows if r["step"] > 0]
+    tail = train[-max(1, len(train) // 4):]
+    reach = next((s for s, a in zip(es, ev) if s > 0 and a >= target), math.inf)
+    out = {"initial_acc": ev[0], "final_acc": ev[-1], "best_acc": max(ev), "steps_to_target": reach,
+           "train_reward_last_quarter": float(np.mean([r["reward_mean"] for r in tail])),
+           "zero_var_group_frac": float(np.mean([r["zero_variance_group_frac"] for r in train])),
+           "zero_adv_frac": float(np.mean([r["zero_advantage_frac"] for r in train])),
+           "adv_abs_mean": float(np.mean([r["advantage_abs_mean"] for r in train])),
+           "s_per_step": float(np.median([r["time/step_s"] for r in C.steady(rows)] or [math.nan]))}
+    if "margin_mean" in train[0]:
+        m_abs = [0.2 * r["margin_clipped_low_frac"] + 0.28 * r["margin_clipped_high_frac"] for r in train]
+        out.update(margin_mean=float(np.mean([r["margin_mean"] for r in train])), margin_abs_mean=float(np.mean(m_abs)),
+                   margin_nonzero_frac=float(np.mean([r["margin_clipped_low_frac"] + r["margin_clipped_high_frac"] for r in train])),
+                   ref_reward_mean=float(np.mean([r["ref_reward_mean"] for r in train])))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="1 seed, 15 steps")
+    ap.add_argument("--steps", type=int, default=None, help="step budget (default: config run.steps; 15 quick)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2 (quick: 0)")
+    ap.add_argument("--lr", type=float, default=None, help="learner.lr (default: the config default)")
+    ap.add_argument("--gain", type=float, default=0.05, help="target = warm-start accuracy + gain")
+    ap.add_argument("--eval-every", type=int, default=None, help="default: steps // 10 (quick: 5)")
+    ap.add_argument("--estimators", nargs="+", default=ESTIMATORS)
+    args = ap.parse_args()
+    base = C.defaults()
+    steps = args.steps or (15 if args.quick else base.run.steps)
+    seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
+    lr = args.lr or base.learner.lr
+    eval_every = args.eval_every or (5 if args.quick else max(1, steps // 10))
+    shared = {"run.steps": steps, "learner.lr": lr, "run.eval_every": eval_every, "data.eval_limit": base.data.eval_limit or 200,
+              "run.eval_samples": 1 if args.quick else base.run.eval_samples, "run.eval_temperature": base.run.eval_temperature,
+              "rollout.prompts_per_step": base.rollout.prompts_per_step, "algo.group_size": base.algo.group_size,
+              "rollout.max_new_tokens": base.rollout.max_new_tokens, "rollout.temperature": base.rollout.temperature,
+              "learner.lr_schedule": base.learner.lr_schedule, "learner.warmup_ratio": base.learner.warmup_ratio,
+              "reward.functions": "{accuracy: 1.0}"}
+    print(f"{len(args.estimators)} estimators x seeds {seeds}, {steps} steps, lr={lr}, eval every {eval_every} steps "
+          f"({shared['data.eval_limit']} prompts x {shared['run.eval_samples']} samples)")
+    t0 = time.perf_counter()
+    result = {"machine": C.machine(), "quick": args.quick, "overrides": shared, "seeds": seeds, "runs": {}}
+    for seed in seeds:
+        for est in args.estimators:
+            t = time.perf_counter()
+            run = C.run_pipeline({**shared, "algo.estimator": est, "run.seed": seed}, time_scoring=False)
+            result["runs"].setdefault(est, {})[str(seed)] = run["rows"]
+            accs = series(run["rows"], "eval/accuracy")[1]
+            print(f"  seed {seed} {est:8s} eval acc {accs[0]:.3f} -> {accs[-1]:.3f}  ({time.perf_counter() - t:.0f} s)",
+                  flush=True)
+            C.save("aapo_vs_baselines", result)  # partial results survive an interrupted full run
+    initial = C.median([rows[0]["eval/accuracy"] for runs in result["runs"].values() for rows in runs.values()])
+    target = initial + args.gain
+    summary = {}
+    for est, runs in result["runs"].items():
+        per_seed = [run_summary(rows, target, steps) for rows in runs.values()]
+        summary[est] = {k: C.median([p[k] for p in per_seed]) for k in per_seed[0]}
+        summary[est]["reached_target"] = f"{sum(p['steps_to_target'] < math.inf for p in per_seed)}/{len(per_seed)}"
+        summary[est]["per_seed"] = per_seed
+    result.update(target=target, summary=summary, wall_s=time.perf_counter() - t0)
+    cols = ["estimator", "final_acc", "best_acc", "steps_to_target", "reached_target", "train_reward_last_quarter",
+            "zero_var_group_frac", "zero_adv_frac", "adv_abs_mean", "margin_abs_mean", "s_per_step"]
+    print(f"\nmedian over {len(seeds)} seed(s); warm start accuracy {initial:.3f}, target {target:.3f}")
+    print(C.table([{"estimator": e, **s} for e, s in summary.items()], cols))
+    print(f"wall time {result['wall_s']:.0f} s -> {C.save('aapo_vs_baselines', result)}")
+    plot(result)
+
+
+def plot(result: dict) -> None:
+    fig, axes = C.figure(2, 3, figsize=(15, 8))
+    panels = [("eval/accuracy", "held-out accuracy"), ("reward_mean", "training reward (5-step mean)"),
+              ("zero_variance_group_frac", "zero-variance group fraction"),
+              ("zero_advantage_frac", "zero-advantage sample fraction"), ("advantage_abs_mean", "mean |advantage|")]
+    for ax, (key, title) in zip(axes.flat, panels):
+        for est, runs in result["runs"].items():
+            curves = [series(rows, key) for rows in runs.values()]
+            n = min(len(c[1]) for c in curves)
+            if n == 0:
+                continue
+            x, ys = curves[0][0][:n], np.array([c[1][:n] for c in curves])
+            if key != "eval/accuracy":
+                ys = np.array([np.convolve(y, np.ones(5) / 5, mode="same") for y in ys])
+            ax.plot(x, np.median(ys, axis=0), color=COLORS.get(est), label=est)
+            if len(ys) > 1:
+                ax.fill_between(x, ys.min(axis=0), ys.max(axis=0), color=COLORS.get(est), alpha=0.15)
+        ax.set(title=title, xlabel="step")
+        ax.legend(fontsize=8)
+    axes.flat[0].axhline(result["target"], color="k", ls=":", lw=1)
+    ax = axes.flat[5]  # AAPO: the margin against the group term
+    for seed, rows in result["runs"].get("aapo", {}).items():
+        train = [r for r in rows if r["step"] > 0]
+        x = [r["step"] for r in train]
+        ax.plot(x, [0.2 * r["margin_clipped_low_frac"] + 0.28 * r["margin_clipped_high_frac"] for r in train],
+                color="#c44e52", alpha=0.7, label="AAPO E|margin|" if seed == "0" else None)
+        ax.plot(x, [r["advantage_abs_mean"] for r in train], color="#333333", alpha=0.7,
+                label="AAPO E|advantage|" if seed == "0" else None)
+    ax.set(title="AAPO: margin vs total advantage", xlabel="step")
+    ax.legend(fontsize=8)
+    print("plot ->", C.savefig(fig, "aapo_vs_baselines"))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
