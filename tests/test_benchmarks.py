@@ -66,8 +66,8 @@ def test_baseline_summary_and_margin(bench):
         rows.append({"step": s, "reward_mean": 0.3 + 0.01 * s, "zero_variance_group_frac": 0.5, "zero_advantage_frac": 0.4,
                      "advantage_abs_mean": 0.6, "time/step_s": 0.5, "margin_mean": 0.01, "margin_clipped_low_frac": 0.1,
                      "margin_clipped_high_frac": 0.2, "ref_reward_mean": 0.3, **({"eval/accuracy": 0.3 + 0.02 * s} if s % 4 == 0 else {})})
-    out = ab.run_summary(rows, target=0.35, steps=8)
-    assert out["steps_to_target"] == 4 and out["final_acc"] == pytest.approx(0.46)
+    out = ab.run_summary(rows, targets=[0.35, 0.9])
+    assert out["steps_to_0.35"] == 4 and out["steps_to_0.9"] == math.inf and out["final_acc"] == pytest.approx(0.46)
     assert out["margin_abs_mean"] == pytest.approx(0.2 * 0.1 + 0.28 * 0.2)
 
 
