@@ -326,9 +326,12 @@ def table(rows: list[dict], cols: list[str] | None = None, fmt: str = "{:.3g}") 
     return "\n".join(lines)
 
 
+SUFFIX = ""  # "_quick" in --quick mode: a smoke run never overwrites the full run's files
+
+
 def save(name: str, data: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+    path = RESULTS / f"{name}{SUFFIX}.json"
     path.write_text(json.dumps(data, indent=1, default=float))
     return path
 
@@ -344,7 +347,7 @@ def figure(*args, **kwargs):
 
 def savefig(fig, name: str) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.png"
+    path = RESULTS / f"{name}{SUFFIX}.png"
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return path

@@ -29,6 +29,9 @@ import numpy as np
 import _common as C
 
 ESTIMATORS = ["aapo", "grpo", "gpg", "dr_grpo"]
+KEEP = {"step", "eval/accuracy", "eval/reward", "reward_mean", "zero_variance_group_frac", "zero_advantage_frac",
+        "advantage_abs_mean", "margin_mean", "margin_clipped_low_frac", "margin_clipped_high_frac", "ref_reward_mean",
+        "completion_len_mean", "learner/loss", "learner/grad_norm", "time/step_s", "time/eval_s"}  # per-step keys saved
 COLORS = {"aapo": "#c44e52", "grpo": "#4c72b0", "gpg": "#55a868", "dr_grpo": "#8172b2"}
 
 
@@ -68,8 +71,9 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=None, help="default: steps // 10 (quick: 5)")
     ap.add_argument("--estimators", nargs="+", default=ESTIMATORS)
     args = ap.parse_args()
+    C.SUFFIX = "_quick" if args.quick else ""
     if args.resummarize:
-        return summarize(json.loads((C.RESULTS / "aapo_vs_baselines.json").read_text()), args.targets)
+        return summarize(json.loads((C.RESULTS / f"aapo_vs_baselines{C.SUFFIX}.json").read_text()), args.targets)
     base = C.defaults()
     steps = args.steps or (15 if args.quick else base.run.steps)
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
@@ -89,7 +93,7 @@ def main() -> None:
         for est in args.estimators:
             t = time.perf_counter()
             run = C.run_pipeline({**shared, "algo.estimator": est, "run.seed": seed}, time_scoring=False)
-            result["runs"].setdefault(est, {})[str(seed)] = run["rows"]
+            result["runs"].setdefault(est, {})[str(seed)] = [{k: v for k, v in r.items() if k in KEEP} for r in run["rows"]]
             accs = series(run["rows"], "eval/accuracy")[1]
             print(f"  seed {seed} {est:8s} eval acc {accs[0]:.3f} -> {accs[-1]:.3f}  ({time.perf_counter() - t:.0f} s)",
                   flush=True)
@@ -122,11 +126,19 @@ def summarize(result: dict, targets: list[float]) -> None:
     plot(result)
 
 
+def _smooth(x, ys, k: int = 9):
+    """Centred k-step moving average (only where the window is full)."""
+    if len(x) < k:
+        return x, ys
+    return x[k // 2: len(x) - k // 2], np.array([np.convolve(y, np.ones(k) / k, mode="valid") for y in ys])
+
+
 def plot(result: dict) -> None:
     fig, axes = C.figure(2, 3, figsize=(15, 8))
-    panels = [("eval/accuracy", "held-out accuracy"), ("reward_mean", "training reward (5-step mean)"),
-              ("zero_variance_group_frac", "zero-variance group fraction"),
-              ("zero_advantage_frac", "zero-advantage sample fraction"), ("advantage_abs_mean", "mean |advantage|")]
+    panels = [("eval/accuracy", "held-out accuracy"), ("reward_mean", "training reward (9-step mean)"),
+              ("zero_variance_group_frac", "zero-variance group fraction (9-step mean)"),
+              ("zero_advantage_frac", "zero-advantage sample fraction (9-step mean)"),
+              ("advantage_abs_mean", "mean |advantage| (9-step mean)")]
     for ax, (key, title) in zip(axes.flat, panels):
         for est, runs in result["runs"].items():
             curves = [series(rows, key) for rows in runs.values()]
@@ -135,23 +147,28 @@ def plot(result: dict) -> None:
                 continue
             x, ys = curves[0][0][:n], np.array([c[1][:n] for c in curves])
             if key != "eval/accuracy":
-                ys = np.array([np.convolve(y, np.ones(5) / 5, mode="same") for y in ys])
-            ax.plot(x, np.median(ys, axis=0), color=COLORS.get(est), label=est)
+                x, ys = _smooth(x, ys)
+            style = {"ls": "--"} if est == "gpg" else {}  # on-policy GRPO = GPG: the curves coincide
+            ax.plot(x, np.median(ys, axis=0), color=COLORS.get(est), label=est + (" (= grpo)" if est == "gpg" else ""), **style)
             if len(ys) > 1:
-                ax.fill_between(x, ys.min(axis=0), ys.max(axis=0), color=COLORS.get(est), alpha=0.15)
+                ax.fill_between(x, ys.min(axis=0), ys.max(axis=0), color=COLORS.get(est), alpha=0.12)
         ax.set(title=title, xlabel="step")
         ax.legend(fontsize=8)
-    for t in result["targets"]:
+    for t in result.get("targets", []):
         axes.flat[0].axhline(t, color="k", ls=":", lw=0.6)
-    ax = axes.flat[5]  # AAPO: the margin against the group term
-    for seed, rows in result["runs"].get("aapo", {}).items():
-        train = [r for r in rows if r["step"] > 0]
-        x = [r["step"] for r in train]
-        ax.plot(x, [0.2 * r["margin_clipped_low_frac"] + 0.28 * r["margin_clipped_high_frac"] for r in train],
-                color="#c44e52", alpha=0.7, label="AAPO E|margin|" if seed == "0" else None)
-        ax.plot(x, [r["advantage_abs_mean"] for r in train], color="#333333", alpha=0.7,
-                label="AAPO E|advantage|" if seed == "0" else None)
-    ax.set(title="AAPO: margin vs total advantage", xlabel="step")
+    ax = axes.flat[5]  # AAPO: the margin against the whole advantage
+    runs = list(result["runs"].get("aapo", {}).values())
+    if runs:
+        train = [[r for r in rows if r["step"] > 0] for rows in runs]
+        n = min(map(len, train))
+        x = [r["step"] for r in train[0][:n]]
+        for label, fn, color in (("E|margin|", lambda r: 0.2 * r["margin_clipped_low_frac"] + 0.28 * r["margin_clipped_high_frac"], "#c44e52"),
+                                 ("E|advantage|", lambda r: r["advantage_abs_mean"], "#333333"),
+                                 ("margin mean (signed)", lambda r: r["margin_mean"], "#dd8452")):
+            xs, ys = _smooth(x, np.array([[fn(r) for r in t[:n]] for t in train]))
+            ax.plot(xs, np.median(ys, axis=0), color=color, label=label)
+        ax.axhline(0, color="k", lw=0.5)
+    ax.set(title="AAPO: margin vs whole advantage (9-step mean)", xlabel="step")
     ax.legend(fontsize=8)
     print("plot ->", C.savefig(fig, "aapo_vs_baselines"))
 

@@ -134,6 +134,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=512)
     ap.add_argument("--lengths", type=int, nargs="+", default=None, help="max completion tokens (default 1024 2048 4096)")
     args = ap.parse_args()
+    C.SUFFIX = "_quick" if args.quick else ""
     rounds = args.rounds or (6 if args.quick else 11)
     lengths = args.lengths or ([1024, 2048] if args.quick else [1024, 2048, 4096])
     import ray

@@ -132,6 +132,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 1 quick, 3 full)")
     ap.add_argument("--steps", type=int, default=None, help="steps per run (default 8 quick, 15 full)")
     args = ap.parse_args()
+    C.SUFFIX = "_quick" if args.quick else ""
     rounds, steps = args.rounds or (1 if args.quick else 3), args.steps or (8 if args.quick else 15)
     t0 = time.perf_counter()
     base = C.defaults()

@@ -144,6 +144,7 @@ def main() -> None:
     ap.add_argument("--tag", default="", help="suffix of the output files (step_anatomy<tag>.json/.png)")
     ap.add_argument("--_sp", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    C.SUFFIX = "_quick" if args.quick else ""
     if args._sp:
         print(json.dumps(single_process(json.loads(args._sp))))
         return

@@ -115,6 +115,7 @@ def main() -> None:
                     help="torch threads of the TRL process; one TRL arm each, ratios against the fastest")
     ap.add_argument("--_trl", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    C.SUFFIX = "_quick" if args.quick else ""
     if args._trl:
         print(json.dumps(trl_run(json.loads(args._trl))))
         return
