@@ -95,6 +95,9 @@ class LearnerConfig(Section):
     micro_batch_size: int = Field(16, ge=1)  # sequences per forward/backward on one learner
     gpus_per_learner: float = Field(0.0, ge=0)
     cpus_per_learner: float = Field(0.5, ge=0)
+    # torch threads per rank. None: the node's cores / learner ranks on it -- the loop is synchronous, so
+    # generators and scorers idle while the learners train (run.torch_threads still bounds those roles)
+    torch_threads: int | None = Field(None, ge=1)
     offload_optimizer: bool = False
     bf16: bool = False
     sync_bucket_mb: float = Field(64.0, gt=0)
@@ -113,7 +116,7 @@ class RunConfig(Section):
     eval_samples: int = Field(4, ge=1)  # samples per held-out prompt
     save_every: int = Field(50, ge=0)  # 0 = only at the end
     keep_checkpoints: int = Field(2, ge=1)
-    torch_threads: int = Field(1, ge=1)  # per actor; keep cores for the other roles
+    torch_threads: int = Field(1, ge=1)  # per generator actor; they run concurrently (learners: learner.torch_threads)
     max_learner_restarts: int = Field(1, ge=0)  # a dead learner rank: restart from the last checkpoint
 
 

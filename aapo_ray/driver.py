@@ -271,6 +271,7 @@ def _rollout_stats(rollouts: pa.RecordBatch, ref_batch: pa.RecordBatch | None, c
         stats["completion_tokens"] += float(len(ref_batch.column("completion_ids").values))
     for key in ("timeouts", "errors", "none", "unparseable_gold"):
         stats[f"reward/{key}"] = float(sum(c.get(key, 0) for c in counters))
+    stats["time/score_s"] = float(sum(c["score_s"] for c in counters))  # scorer busy time (policy + reference)
     return stats
 
 

@@ -18,6 +18,7 @@ import os
 import resource
 import socket
 import time
+from collections import Counter
 from typing import Callable, Iterable
 
 import numpy as np
@@ -47,6 +48,15 @@ def rows_per_learner(cfg: Config) -> int:
 def accumulation_steps(cfg: Config) -> int:
     """Micro-batches per rank per step: ``ceil(rows_per_learner / micro_batch_size)``."""
     return math.ceil(rows_per_learner(cfg) / cfg.learner.micro_batch_size)
+
+
+def learner_threads(cfg: Config, placement: list[tuple[str, int]]) -> list[int]:
+    """Torch threads per rank: ``learner.torch_threads``, or else each node's usable cores shared
+    evenly by the ranks placed on it. ``placement`` is (node id, usable cores) per rank."""
+    if cfg.learner.torch_threads is not None:
+        return [cfg.learner.torch_threads] * len(placement)
+    ranks_on = Counter(node for node, _ in placement)
+    return [max(1, cores // ranks_on[node]) for node, cores in placement]
 
 
 def check_rows(batch: pa.RecordBatch, cfg: Config, *, whole_step: bool = False) -> None:
@@ -193,9 +203,17 @@ class LearnerActor:
         self._listener = socket.create_server((host, 0), backlog=128)
         return host, self._listener.getsockname()[1]
 
-    def setup(self, master_addr: str, master_port: int) -> dict:
+    def placement(self) -> tuple[str, int]:
+        """(node id, usable cores): the fewer of the node's CPUs in Ray and this process's CPU affinity."""
+        node = ray.get_runtime_context().get_node_id()
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        ray_cpus = next((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["NodeID"] == node), 0)
+        return node, int(min(cores, ray_cpus or cores))
+
+    def setup(self, master_addr: str, master_port: int, torch_threads: int) -> dict:
         """Join the process group, load the model(s) and build the DeepSpeed engine."""
         start = time.perf_counter()
+        torch.set_num_threads(torch_threads)
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
                           WORLD_SIZE=str(self.world_size), LOCAL_RANK="0")  # Ray shows each actor its own GPU
         import deepspeed
@@ -242,7 +260,7 @@ class LearnerActor:
             self.ref_model.train(False).requires_grad_(False)
             if lc.bf16 and lc.gpus_per_learner > 0:
                 self.ref_model.to(torch.bfloat16)
-        return {"rank": self.rank, "setup_s": time.perf_counter() - start}
+        return {"rank": self.rank, "setup_s": time.perf_counter() - start, "torch_threads": torch.get_num_threads()}
 
     def _loss_kwargs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
         algo = self.cfg.algo
@@ -340,9 +358,12 @@ class LearnerGroup:
             resources=cfg.ray.role_resources.get("learner") or None, max_restarts=0, max_task_retries=0)
         self.actors = [actor_cls.remote(cfg, model_path, r, self.world_size) for r in range(self.world_size)]
         try:  # all processes up first, so that the rendezvous does not wait on a slow start
-            self._gather("start", [a.__ray_ready__.remote() for a in self.actors])
+            placement = self._gather("start", [a.placement.remote() for a in self.actors])
+            threads = learner_threads(cfg, placement)
             addr, port = self._gather("master_address", [self.actors[0].master_address.remote()])[0]
-            self.setup_s = [m["setup_s"] for m in self._call("setup", addr, port)]
+            setup = self._gather("setup", [a.setup.remote(addr, port, t) for a, t in zip(self.actors, threads)])
+            self.setup_s = [m["setup_s"] for m in setup]
+            self.torch_threads = [m["torch_threads"] for m in setup]
         except BaseException:
             self.shutdown()
             raise
@@ -383,6 +404,7 @@ class LearnerGroup:
             "tokens": sum(m["tokens"] for m in per_rank),
             "step_s": max(m["step_s"] for m in per_rank),
             "peak_rss_mb": max(m["peak_rss_mb"] for m in per_rank),
+            "torch_threads": float(min(self.torch_threads)),
         }
 
     def export_weights(self, bucket_mb: float | None = None) -> list[ray.ObjectRef]:

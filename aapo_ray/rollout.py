@@ -8,9 +8,13 @@ Ray object store as buffers, so readers map it without copying or unpickling tok
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pyarrow as pa
-import torch
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: scorer actors never need it
+    import torch
 
 TOKENS = pa.list_(pa.int32())
 ROLLOUT_SCHEMA = pa.schema([
@@ -61,7 +65,7 @@ def with_columns(batch: pa.RecordBatch, **columns) -> pa.RecordBatch:
     """Add or replace float32 columns (numpy / torch / lists); names may contain ``/``."""
     arrays = dict(zip(batch.schema.names, batch.columns))
     for name, values in columns.items():
-        if isinstance(values, torch.Tensor):
+        if hasattr(values, "detach"):  # a torch tensor
             values = values.detach().cpu().numpy()
         values = np.asarray(values, dtype=np.float32)
         if len(values) != batch.num_rows:
@@ -99,6 +103,8 @@ def padded_tensors(batch: pa.RecordBatch, pad_id: int) -> dict[str, torch.Tensor
     ``completion_mask[i, t]`` is 1 where ``input_ids[i, t]`` is a completion token; the learner
     predicts token t from position t-1. Built with index arithmetic over the flat Arrow buffers.
     """
+    import torch
+
     p_len, p_vals = _flat(batch.column("prompt_ids"))
     c_len, c_vals = _flat(batch.column("completion_ids"))
     rows, total = len(p_len), p_len + c_len

@@ -9,12 +9,12 @@ and is counted; it never stops training.
 from __future__ import annotations
 
 import itertools
+import time
 
 import pyarrow as pa
 import ray
 
 from aapo_ray.config import Config
-from aapo_ray.launch import setup_actor_process
 from aapo_ray.reward import BatchScorer
 from aapo_ray.rollout import with_rewards
 
@@ -27,20 +27,23 @@ def reward_weights(cfg: Config) -> dict[str, float]:
 
 
 class RewardScorer:
-    """One scorer actor; ``score`` returns the batch with ``reward/<fn>`` and ``reward`` columns."""
+    """One scorer actor; ``score`` returns the batch with ``reward/<fn>`` and ``reward`` columns.
+
+    It never imports torch (~200 MB per actor): verification is string and sympy work."""
 
     def __init__(self, cfg: Config):
-        setup_actor_process(1)
         self.scorer = BatchScorer(reward_weights(cfg), timeout_s=cfg.reward.timeout_s,
                                   num_workers=cfg.reward.workers_per_scorer)
 
     def ready(self) -> bool:
         return True
 
-    def score(self, batch: pa.RecordBatch) -> tuple[pa.RecordBatch, dict[str, int]]:
+    def score(self, batch: pa.RecordBatch) -> tuple[pa.RecordBatch, dict[str, float]]:
+        """The scored batch, and the scorer's counters plus ``score_s`` (this call's busy seconds)."""
+        start = time.perf_counter()
         result = self.scorer.score(batch.column("completion").to_pylist(), batch.column("gold").to_pylist())
-        return with_rewards(batch, result.per_function, result.total).replace_schema_metadata(batch.schema.metadata), \
-            dict(result.counters)
+        scored = with_rewards(batch, result.per_function, result.total).replace_schema_metadata(batch.schema.metadata)
+        return scored, {**result.counters, "score_s": time.perf_counter() - start}
 
 
 class ScorerPool:

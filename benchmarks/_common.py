@@ -1,5 +1,5 @@
 """Helpers shared by the benchmark scripts: run a pipeline config and read its metrics, sample the
-RSS of a whole process tree, time the in-pipeline scorers, interleave runs, medians, tables, JSON.
+RSS of a whole process tree, interleave runs, medians, tables, JSON.
 
 Imported by ``benchmarks/<name>.py`` (each puts this directory and the repo root on ``sys.path``).
 """
@@ -131,91 +131,14 @@ class RssSampler:
         self.sample()
 
 
-# ----------------------------------------------------------------------------- scorer timing
-from aapo_ray.scorer import RewardScorer, ScorerPool  # noqa: E402
-
-
-class TimedRewardScorer(RewardScorer):
-    """RewardScorer that adds its busy time to the counters dict it returns (the driver only sums
-    the counter keys it knows, so the extra ``_score_s`` key is ignored by the pipeline)."""
-
-    def score(self, batch):
-        start = time.perf_counter()
-        scored, counters = super().score(batch)
-        return scored, dict(counters, _score_s=time.perf_counter() - start, _rows=batch.num_rows)
-
-
-class TimedScorerPool(ScorerPool):
-    """ScorerPool whose actors are TimedRewardScorers; remembers every ``score`` call's counter refs."""
-
-    calls: list = []
-
-    def __init__(self, cfg):
-        TimedScorerPool.calls = []
-        super().__init__(cfg)
-
-    def _new_actor(self):
-        import ray
-
-        return ray.remote(TimedRewardScorer).options(num_cpus=self.cfg.reward.cpus_per_scorer,
-                                                     max_restarts=3).remote(self.cfg)
-
-    def score(self, batch_refs):
-        out = super().score(batch_refs)
-        TimedScorerPool.calls.append([c for _, c in out])
-        return out
-
-
-from aapo_ray.learner import LearnerActor  # noqa: E402
-
-
-class ThreadedLearnerActor(LearnerActor):
-    """A learner with its own torch thread count (``run.torch_threads`` sets every role's): in the synchronous
-    loop the generators idle while the learner trains, so the learner may use more cores than they do."""
-
-    THREADS = 1
-
-    def setup(self, *args, **kwargs):
-        out = super().setup(*args, **kwargs)
-        import torch
-
-        torch.set_num_threads(self.THREADS)
-        return out
-
-
-class _RaySwappingLearner:
-    """Stands in for ``ray`` inside aapo_ray.learner: ``remote(LearnerActor)`` makes ThreadedLearnerActors."""
-
-    def __getattr__(self, name):
-        import ray
-
-        return getattr(ray, name)
-
-    def remote(self, *args, **kwargs):
-        import ray
-
-        if args and args[0] is LearnerActor:
-            args = (ThreadedLearnerActor, *args[1:])
-        return ray.remote(*args, **kwargs)
-
-
-def score_seconds_per_call() -> list[float]:
-    """Scorer busy seconds of each ``score`` call of the last run (1 scorer actor: they add up)."""
-    import ray
-
-    return [sum(c["_score_s"] for c in ray.get(refs)) for refs in TimedScorerPool.calls]
-
-
 # ----------------------------------------------------------------------------- pipeline runs
 def ensure_ray(num_cpus: int = 8) -> None:
     """One local Ray cluster for every run of this process. ``num_cpus`` is Ray's logical count (so
     that 2 learners + 2+2 generator replicas schedule on 2 physical cores); contention is real."""
     import ray
-    from ray import cloudpickle
 
     from aapo_ray.launch import init_ray
 
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import benchmarks/
     if not ray.is_initialized():
         init_ray(None, num_cpus=num_cpus, namespace="aapo-bench", torch_threads=1)
 
@@ -230,46 +153,26 @@ def defaults():
 def config(overrides: dict):
     from aapo_ray.config import load_config
 
-    return load_config(None, [f"{k}={json.dumps(v) if isinstance(v, (list, tuple)) else v}"
+    return load_config(None, [f"{k}={json.dumps(v) if v is None or isinstance(v, (list, tuple)) else v}"
                               for k, v in {**BASE_OVERRIDES, **overrides}.items()])
 
 
-def run_pipeline(overrides: dict, *, time_scoring: bool = True, keep_dir: str | None = None,
-                 learner_threads: int | None = None) -> dict:
+def run_pipeline(overrides: dict, *, keep_dir: str | None = None) -> dict:
     """Train one config through ``aapo_ray.driver.train`` on the shared cluster.
 
-    Returns ``{"rows": metrics.jsonl rows, "wall_s", "peak_rss_mb", "peak_rss_parts", "score_s"}``;
-    with ``time_scoring`` each training row also gets ``time/score_s`` (scorer busy seconds);
-    ``learner_threads`` gives the learner ranks that many torch threads (benchmark-side hook). The run
-    directory is deleted afterwards unless ``keep_dir`` (where to create it) is given."""
+    Returns ``{"rows": metrics.jsonl rows, "wall_s", "peak_rss_mb", "peak_rss_parts", "config"}``. The
+    run directory is deleted afterwards unless ``keep_dir`` (where to create it) is given."""
     import aapo_ray.driver as driver
-    import aapo_ray.learner as learner
     from aapo_ray.metrics import read_metrics
 
     ensure_ray()
     tmp = Path(tempfile.mkdtemp(prefix="aapo-bench-", dir=keep_dir))
     cfg = config({"run.output_dir": str(tmp), **overrides})
-    original = driver.ScorerPool, learner.ray
-    if time_scoring:
-        driver.ScorerPool = TimedScorerPool
-    if learner_threads:
-        ThreadedLearnerActor.THREADS = learner_threads
-        learner.ray = _RaySwappingLearner()  # LearnerGroup's ray.remote(LearnerActor) gets the subclass
     start = time.perf_counter()
-    try:
-        with RssSampler() as rss, redirect_stdout(io.StringIO()):  # the driver prints a summary
-            run_dir = driver.train(cfg, run_dir=tmp / "run", progress=False)
-    finally:
-        driver.ScorerPool, learner.ray = original
+    with RssSampler() as rss, redirect_stdout(io.StringIO()):  # the driver prints a summary
+        run_dir = driver.train(cfg, run_dir=tmp / "run", progress=False)
     wall = time.perf_counter() - start
     rows = read_metrics(run_dir)
-    if time_scoring:
-        per_call = score_seconds_per_call()
-        train_rows = [r for r in rows if r["step"] > 0]
-        evals = 1 if cfg.run.eval_every == 0 else None  # eval_every=0: calls = [eval, step 1..N, final eval]
-        if evals is not None and len(per_call) == len(train_rows) + 2:
-            for r, s in zip(train_rows, per_call[1:-1]):
-                r["time/score_s"] = s
     if keep_dir is None:
         shutil.rmtree(tmp, ignore_errors=True)  # checkpoints of every run would fill /tmp
     return {"rows": rows, "wall_s": wall, "peak_rss_mb": rss.peak_mb, "peak_rss_parts": rss.peak_parts,

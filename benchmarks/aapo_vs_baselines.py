@@ -92,7 +92,7 @@ def main() -> None:
     for seed in seeds:
         for est in args.estimators:
             t = time.perf_counter()
-            run = C.run_pipeline({**shared, "algo.estimator": est, "run.seed": seed}, time_scoring=False)
+            run = C.run_pipeline({**shared, "algo.estimator": est, "run.seed": seed})
             result["runs"].setdefault(est, {})[str(seed)] = [{k: v for k, v in r.items() if k in KEEP} for r in run["rows"]]
             accs = series(run["rows"], "eval/accuracy")[1]
             print(f"  seed {seed} {est:8s} eval acc {accs[0]:.3f} -> {accs[-1]:.3f}  ({time.perf_counter() - t:.0f} s)",

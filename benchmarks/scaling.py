@@ -139,7 +139,7 @@ def main() -> None:
     arms = {name: (lambda r, L=L, R=R: C.run_pipeline({"run.steps": steps, "learner.num_learners": L, "learner.lr": base.learner.lr,
                                                         "rollout.policy_replicas": R, "rollout.reference_replicas": R}))
             for name, (L, R) in LAYOUTS.items()}
-    C.run_pipeline({"run.steps": 3}, time_scoring=False)  # warm-up: the first run on a fresh cluster is slower
+    C.run_pipeline({"run.steps": 3})  # warm-up: the first run on a fresh cluster is slower
     runs = C.interleave(arms, rounds)
     layouts = {}
     for name, rs in runs.items():

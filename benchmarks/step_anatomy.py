@@ -2,9 +2,8 @@
 
 For the embedded default and a larger tiny config, trains through ``aapo_ray.driver.train`` (AAPO)
 and splits each step into policy generation, reference generation (both busy times; they run
-concurrently, so the wall rollout phase is reported too), scoring (scorer busy time, timed by a
-benchmark-side scorer subclass), advantages, learner update (learner busy time), weight sync and
-everything else (= step - max(gen, ref) - score - advantage - learner - sync: scheduling,
+concurrently, so the wall rollout phase is reported too), scoring (scorer busy time), advantages,
+learner update (learner busy time), weight sync and everything else (= step - max(gen, ref) - score - advantage - learner - sync: scheduling,
 serialisation, object store, waiting, logging). Interleaved with a plain loop in a fresh process
 (no Ray, no Arrow): same model, batch, sampling and seeds; HF generate for policy and reference,
 ``accuracy_reward`` in-process, AAPO advantages, one AdamW update on the same loss. Reports
@@ -12,7 +11,10 @@ ray/single-process step-time ratios and peak memory (RSS of the driver plus ever
 vs the single process's peak RSS). Warm-up steps (first 2) and the last step (eval + checkpoint)
 are left out of the medians.
 
-Usage: python benchmarks/step_anatomy.py [--quick] [--rounds N] [--ray-threads 1 2] [--learner-threads 2]
+Ray arms are named ``t<run.torch_threads>L<learner.torch_threads>`` (``Lauto``: the config default,
+the node's cores shared by the learner ranks).
+
+Usage: python benchmarks/step_anatomy.py [--quick] [--rounds N] [--ray-threads 1 2] [--learner-threads auto 1]
        [--configs default larger] [--tag _suffix]
 """
 
@@ -135,10 +137,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="1 round, fewer steps (< ~5 min)")
     ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 1 quick, 3 full)")
-    ap.add_argument("--ray-threads", type=int, nargs="+", default=[1], help="run.torch_threads of the Ray runs "
-                    "(1 = the config default; headline ratio)")
-    ap.add_argument("--learner-threads", type=int, nargs="*", default=[], help="extra Ray arms: run.torch_threads=1 "
-                    "but the learner with N torch threads (benchmark-side hook)")
+    ap.add_argument("--ray-threads", type=int, nargs="+", default=[1], help="run.torch_threads (generators) of the "
+                    "Ray runs (1 = the config default)")
+    ap.add_argument("--learner-threads", nargs="+", default=["auto"], help="learner.torch_threads of the Ray runs: "
+                    "'auto' (the config default) or N; the Ray arms are every --ray-threads x --learner-threads pair")
     ap.add_argument("--sp-threads", type=int, nargs="+", default=[1, 2], help="torch threads of the plain loop")
     ap.add_argument("--configs", nargs="+", default=["default", "larger"], help="which configs to run")
     ap.add_argument("--tag", default="", help="suffix of the output files (step_anatomy<tag>.json/.png)")
@@ -150,15 +152,16 @@ def main() -> None:
         return
     rounds = args.rounds or (1 if args.quick else 3)
     t_start = time.perf_counter()
-    default_threads = C.defaults().run.torch_threads
+    d = C.defaults()
+    default_arm = f"t{d.run.torch_threads}L{d.learner.torch_threads or 'auto'}"  # the headline ratio
+    ray_arms = {f"t{t}L{lt}": {"run.torch_threads": t, "learner.torch_threads": None if lt == "auto" else int(lt)}
+                for t in args.ray_threads for lt in args.learner_threads}
     result = {"machine": C.machine(), "quick": args.quick, "rounds": rounds, "configs": {}}
     for name, overrides in ((n, o) for n, o in configs(args.quick).items() if n in args.configs):
         cfg = C.config({"run.output_dir": "/tmp", **overrides}).model_dump(mode="json")
         print(f"[{name}] {cfg['rollout']['prompts_per_step']} prompts x G={cfg['algo']['group_size']}, "
               f"max_new_tokens={cfg['rollout']['max_new_tokens']}, {cfg['run']['steps']} steps, model {cfg['model']['path']}")
-        arms = {f"ray_t{t}": lambda r, t=t: C.run_pipeline({**overrides, "run.torch_threads": t}) for t in args.ray_threads}
-        arms.update({f"ray_t1L{t}": lambda r, t=t: C.run_pipeline({**overrides, "run.torch_threads": 1}, learner_threads=t)
-                     for t in args.learner_threads})
+        arms = {f"ray_{a}": lambda r, o=o: C.run_pipeline({**overrides, **o}) for a, o in ray_arms.items()}
         arms.update({f"single_t{t}": lambda r, t=t: C.run_subprocess(__file__, "--_sp", sp_args(cfg, t))
                      for t in args.sp_threads})
         runs = C.interleave(arms, rounds)
@@ -168,19 +171,20 @@ def main() -> None:
             res["single"][f"t{t}"] = {**medians([s for run in sp_runs for s in sp_steady(run)]),
                                       "peak_rss_mb": C.median([s["peak_rss_mb"] for s in sp_runs])}
         best = min(res["single"], key=lambda k: res["single"][k]["step_s"])
-        for t in [f"{x}" for x in args.ray_threads] + [f"1L{x}" for x in args.learner_threads]:
-            ray_runs = runs[f"ray_t{t}"]
+        for t in ray_arms:
+            ray_runs = runs[f"ray_{t}"]
             steps = [ray_parts(run["rows"]) for run in ray_runs]
             med = medians([p for st in steps for p in st])
             ratio = lambda sp: C.median([C.median([p["step_s"] for p in st]) / C.median([x["step_s"] for x in sp_steady(s)])  # noqa: E731
                                          for st, s in zip(steps, runs[f"single_{sp}"])])
-            res["ray"][f"t{t}"] = {**med, "overhead_frac": med["other"] / med["step_s"],
-                                   "peak_rss_mb": C.median([r["peak_rss_mb"] for r in ray_runs]),
-                                   "peak_rss_parts": ray_runs[0]["peak_rss_parts"],
-                                   "startup_s": C.median([r["wall_s"] - sum(x["time/step_s"] for x in r["rows"] if x["step"] > 0)
-                                                          for r in ray_runs]),
-                                   "ratio_vs_single": {f"t{sp}": ratio(f"t{sp}") for sp in args.sp_threads}}
-        head = res["ray"][f"t{default_threads}"] if f"t{default_threads}" in res["ray"] else next(iter(res["ray"].values()))
+            res["ray"][t] = {**med, "overhead_frac": med["other"] / med["step_s"],
+                             "learner_threads": ray_runs[0]["rows"][-1]["learner/torch_threads"],
+                             "peak_rss_mb": C.median([r["peak_rss_mb"] for r in ray_runs]),
+                             "peak_rss_parts": ray_runs[0]["peak_rss_parts"],
+                             "startup_s": C.median([r["wall_s"] - sum(x["time/step_s"] for x in r["rows"] if x["step"] > 0)
+                                                    for r in ray_runs]),
+                             "ratio_vs_single": {f"t{sp}": ratio(f"t{sp}") for sp in args.sp_threads}}
+        head = res["ray"].get(default_arm) or next(iter(res["ray"].values()))
         res.update(best_single=best, ratio_ray_over_single=head["ratio_vs_single"][best],
                    overhead_frac=head["overhead_frac"])
         result["configs"][name] = res

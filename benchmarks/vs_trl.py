@@ -95,7 +95,7 @@ def summarise(steps: list[dict], completions: int, wall: float, rss: float) -> d
 
 
 def ours(overrides: dict, completions: int) -> dict:
-    run = C.run_pipeline(overrides, time_scoring=False)
+    run = C.run_pipeline(overrides)
     steps = [{"step_s": r["time/step_s"], "completion_tokens": r["completion_tokens"]} for r in C.steady(run["rows"])]
     return summarise(steps, completions, run["wall_s"], run["peak_rss_mb"])
 

@@ -37,6 +37,7 @@ def test_run_directory_holds_everything(full_run):
     for r in rows[1:]:
         assert all(k in r for k in TRAIN_KEYS), set(TRAIN_KEYS) - set(r)
         assert r["completion_tokens"] > 0 and r["time/step_s"] > 0
+        assert 0 < r["time/score_s"] < r["time/rollout_s"]  # busy time of the one scorer (policy + reference)
         assert 0 <= r["zero_variance_group_frac"] <= 1
     assert any(p.name.startswith("events.out.tfevents") for p in (full_run / "tensorboard").iterdir())
     ckpts = sorted(p.name for p in (full_run / "checkpoints").iterdir())

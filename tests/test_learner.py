@@ -1,6 +1,7 @@
 """DeepSpeed learners on a real local Ray cluster (gloo, CPU): split invariance against a plain
 torch update, weight export into a generator-side model, checkpoint resume, clear errors."""
 
+import os
 import time
 
 import numpy as np
@@ -140,10 +141,21 @@ def test_two_learners_zero1_match_one_learner_and_torch(ray_cluster, model_dir, 
     assert group1.metrics["tokens"] == denominator(batch)
     assert group1.metrics["peak_rss_mb"] > 0
     assert_params_close(group1.params, ref, atol=1e-5)
+    cores = min(len(os.sched_getaffinity(0)), 8)  # the test cluster has 8 logical CPUs
+    assert group1.torch_threads == [max(1, cores // 2)] * 2  # the node's cores, shared by its 2 ranks
     with LearnerGroup(make_cfg(1, 1), model_dir) as single:  # 1 rank, 3 micro-batches (3 + 3 + 2)
         metrics = single.train_step(batch, denominator(batch))
+        assert single.torch_threads == [cores] and metrics["torch_threads"] == cores  # more threads, same result
         assert metrics["grad_norm"] == pytest.approx(ref_norm, rel=1e-5)
         assert_params_close(exported_params(single, model_dir), group1.params, atol=1e-5)
+
+
+def test_learner_threads_split_each_node_between_its_ranks():
+    from aapo_ray.learner import learner_threads
+
+    assert learner_threads(Config(), [("a", 8), ("a", 8), ("b", 4)]) == [4, 4, 4]
+    assert learner_threads(Config(), [("a", 2), ("a", 2), ("a", 2)]) == [1, 1, 1]  # never 0
+    assert learner_threads(Config(learner=LearnerConfig(torch_threads=3)), [("a", 8)] * 2) == [3, 3]
 
 
 @pytest.fixture(scope="module")

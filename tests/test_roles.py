@@ -63,7 +63,10 @@ def test_scorer_pool_scores_and_counts(ray_cluster, cfg):
         assert column_numpy(scored, "reward")[:3].tolist() == [1.0, 0.0, 0.0]
         assert column_numpy(scored, "reward/accuracy")[:3].tolist() == [1.0, 0.0, 0.0]
         assert counters["scored"] == 4
+        assert 0 < counters["score_s"] < 60  # the call's busy seconds, logged as time/score_s
         assert scored.column("completion").equals(b.column("completion"))
+        # scorer actors stay light: nothing on their path imports torch (~200 MB per process)
+        assert ray.get(pool.actors[0].__ray_call__.remote(lambda self: "torch" in __import__("sys").modules)) is False
     finally:
         pool.shutdown()
 
