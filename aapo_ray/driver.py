@@ -21,7 +21,7 @@ from aapo_ray.collect import ACTOR_FAILURES, collect_scored
 from aapo_ray.config import EMBEDDED_MODEL, Config, dump_config
 from aapo_ray.data import PromptSampler, load_prompt_dataset, render_prompts
 from aapo_ray.generator import GeneratorPool, make_prompt_batch
-from aapo_ray.launch import init_ray
+from aapo_ray.launch import init_ray, interrupt_latch
 from aapo_ray.learner import LearnerError, LearnerGroup
 from aapo_ray.metrics import MetricsLogger, plot_run, read_metrics
 from aapo_ray.reference import ReferencePool
@@ -46,6 +46,7 @@ def train(cfg: Config, *, run_dir: str | Path | None = None, resume: bool = Fals
     sampler = PromptSampler(train_prompts.num_rows, cfg.rollout.prompts_per_step, seed=cfg.run.seed)
 
     with ExitStack() as roles:  # every actor this run starts is shut down on the way out
+        interrupted = roles.enter_context(interrupt_latch())
         policy = _started(roles, GeneratorPool(cfg, model_path))
         reference = _started(roles, ReferencePool(cfg, model_path)) if estimator.needs_reference else None
         scorers = _started(roles, ScorerPool(cfg))
@@ -126,6 +127,8 @@ def train(cfg: Config, *, run_dir: str | Path | None = None, resume: bool = Fals
                     continue
                 bar.set_postfix(_postfix(metrics), refresh=False)
                 bar.update(1)
+                if interrupted.is_set():  # a Ctrl-C whose KeyboardInterrupt was swallowed on the way
+                    raise KeyboardInterrupt
         except KeyboardInterrupt:
             last = ckpt.latest_checkpoint(run_dir)
             if in_update:

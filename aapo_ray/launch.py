@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
+import threading
+from contextlib import contextmanager
 
 import ray  # aapo_ray/__init__.py has already pinned a local cluster's ports to 127.0.0.1
 
@@ -41,3 +44,25 @@ def setup_actor_process(torch_threads: int, seed: int | None = None) -> None:
     torch.set_num_threads(torch_threads)
     if seed is not None:
         torch.manual_seed(seed)
+
+
+@contextmanager
+def interrupt_latch():
+    """Ctrl-C raises KeyboardInterrupt as usual and is also remembered in the yielded Event, so that
+    an interrupt swallowed on the way (raised inside a finalizer or a library's broad ``except``)
+    still stops the loop at its next check. A no-op off the main thread or where SIGINT is ignored."""
+    latch = threading.Event()
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or previous in (signal.SIG_IGN, None):
+        yield latch
+        return
+
+    def on_sigint(signum, frame):
+        latch.set()
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield latch
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -29,7 +29,8 @@ def reward_weights(cfg: Config) -> dict[str, float]:
 class RewardScorer:
     """One scorer actor; ``score`` returns the batch with ``reward/<fn>`` and ``reward`` columns.
 
-    It never imports torch (~200 MB per actor): verification is string and sympy work."""
+    Nothing on its import path pulls in torch (~200 MB per actor; a user's reward function still
+    may): verification is string and sympy work."""
 
     def __init__(self, cfg: Config):
         self.scorer = BatchScorer(reward_weights(cfg), timeout_s=cfg.reward.timeout_s,

@@ -160,6 +160,21 @@ def _session_processes(sid):
     return alive
 
 
+def test_a_swallowed_ctrl_c_is_still_seen():
+    from aapo_ray.launch import interrupt_latch
+
+    before = signal.getsignal(signal.SIGINT)
+    with interrupt_latch() as interrupted:
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+            pytest.fail("SIGINT did not raise KeyboardInterrupt")
+        except KeyboardInterrupt:
+            pass  # e.g. raised inside a finalizer, where Python drops it
+        assert interrupted.is_set()
+    assert signal.getsignal(signal.SIGINT) is before
+
+
 @pytest.mark.parametrize("how", ["sigkill", "ctrl_c"])
 def test_driver_killed_or_interrupted_then_resumed(tiny_model_path, tmp_path, how):
     run_dir = tmp_path / "run"
