@@ -128,6 +128,8 @@ def train(cfg: Config, *, run_dir: str | Path | None = None, resume: bool = Fals
                 bar.set_postfix(_postfix(metrics), refresh=False)
                 bar.update(1)
                 if interrupted.is_set():  # a Ctrl-C whose KeyboardInterrupt was swallowed on the way
+                    log.warning("Ctrl-C at step %d did not stop the step (its KeyboardInterrupt was swallowed); "
+                                "stopping now", step)
                     raise KeyboardInterrupt
         except KeyboardInterrupt:
             last = ckpt.latest_checkpoint(run_dir)
