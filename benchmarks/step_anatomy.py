@@ -3,8 +3,8 @@
 For the embedded default and a larger tiny config, trains through ``aapo_ray.driver.train`` (AAPO)
 and splits each step into policy generation, reference generation (both busy times; they run
 concurrently, so the wall rollout phase is reported too), scoring (scorer busy time), advantages,
-learner update (learner busy time), weight sync and everything else (= step - max(gen, ref) - score - advantage - learner - sync: scheduling,
-serialisation, object store, waiting, logging). Interleaved with a plain loop in a fresh process
+learner update (learner busy time), weight sync and everything else (= step - max(gen, ref) -
+score - advantage - learner - sync: scheduling, serialisation, object store, waiting, logging). Interleaved with a plain loop in a fresh process
 (no Ray, no Arrow): same model, batch, sampling and seeds; HF generate for policy and reference,
 ``accuracy_reward`` in-process, AAPO advantages, one AdamW update on the same loss. Reports
 ray/single-process step-time ratios and peak memory (RSS of the driver plus every Ray process
