@@ -1,60 +1,60 @@
-"""Generation backends shared by the training generators and the Serve endpoint.
+"""Generation backends: the one sampling path shared by training, reference, evaluation and Serve.
 
-``hf``: transformers ``generate`` on CPU or GPU (the embedded default, tested here).
-``sglang``: ``sglang.Engine`` on GPU (optional ``gpu`` extra). Written against SGLang's public
-Engine API (``generate(input_ids=..., sampling_params=...)``, ``update_weights_from_tensor``,
-``release/resume_memory_occupation``) but NOT executed in this repository's CI, which has no GPU.
+``hf``: transformers ``generate`` on CPU or GPU (the embedded default, tested here). Every sampling
+setting is passed explicitly, so nothing in a checkpoint's ``generation_config`` (a repetition
+penalty, top-k, min-p, ...) changes what is sampled: the learner's log-probs model exactly
+temperature + top-p sampling.
+``sglang``: ``sglang.Engine`` on GPU (optional ``gpu`` extra), see :mod:`aapo_ray.sglang_backend`.
+Pick one with :func:`make_backend`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
+from transformers import GenerationConfig
+
+from aapo_ray.models import eos_token_ids, load_model_and_tokenizer
+from aapo_ray.sampling import Completions, SamplingParams
+from aapo_ray.sglang_backend import SGLangBackend
+from aapo_ray.weights import load_weight_buckets
 
 
-@dataclass
-class Completions:
-    """Sampled continuations, one row per (prompt, sample): token ids truncated after the first EOS."""
-
-    token_ids: list[np.ndarray]
-    texts: list[str]
-    finish_reasons: list[str]  # "stop" (EOS) or "length"
-
-
-@dataclass
-class SamplingParams:
-    temperature: float = 1.0  # 0 = greedy
-    top_p: float = 1.0
-    max_new_tokens: int = 32
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
+# Processors a checkpoint's generation_config could switch on, each set to its neutral value: transformers
+# fills every setting left None from the model's generation_config.
+NEUTRAL_GENERATION = dict(repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0,
+                          min_length=0, min_new_tokens=0, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0,
+                          length_penalty=1.0, num_beams=1, num_return_sequences=1, renormalize_logits=False)
 
 
 class HFBackend:
-    """transformers ``generate`` with left padding, batched, seeded."""
+    """transformers ``generate`` with left padding, batched, seeded, on an in-memory model."""
 
-    def __init__(self, model_path: str, *, trust_remote_code: bool = False, dtype: str = "float32",
-                 device: str | None = None, batch_size: int = 64, allow_pickle: bool = False):
-        from aapo_ray.models import load_model_and_tokenizer
+    def __init__(self, model, tokenizer, *, batch_size: int = 64):
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.device = next(model.parameters()).device
+        self.eos_ids = eos_token_ids(model, tokenizer)
+        self.context_length = getattr(model.config, "max_position_embeddings", None)
 
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.model, self.tokenizer = load_model_and_tokenizer(
+    @classmethod
+    def load(cls, model_path: str, *, trust_remote_code: bool = False, dtype: str = "float32",
+             device: str | None = None, batch_size: int = 64, allow_pickle: bool = False) -> "HFBackend":
+        """Load ``model_path`` (see :func:`aapo_ray.models.load_model_and_tokenizer`) onto ``device``."""
+        model, tokenizer = load_model_and_tokenizer(
             model_path, trust_remote_code=trust_remote_code, dtype=getattr(torch, dtype), allow_pickle=allow_pickle)
-        self.model.to(self.device).eval()
-        self.batch_size = batch_size
-        self.eos_ids = eos_token_ids(self.model, self.tokenizer)
-        self.context_length = getattr(self.model.config, "max_position_embeddings", None)
+        model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
+        return cls(model, tokenizer, batch_size=batch_size)
 
     @torch.no_grad()
-    def generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> Completions:
+    def generate(self, prompt_ids: list[list[int]], params: SamplingParams, streamer=None) -> Completions:
+        """Sample every prompt (in batches of ``batch_size``). ``streamer`` (a transformers streamer)
+        sees each batch's tokens as they are generated; its ``end`` is called after each batch."""
         if params.seed is not None:
             torch.manual_seed(params.seed)
         rows: list[np.ndarray] = []
         reasons: list[str] = []
         for start in range(0, len(prompt_ids), self.batch_size):
-            ids, why = self._generate_batch(prompt_ids[start:start + self.batch_size], params)
+            ids, why = self._generate_batch(prompt_ids[start:start + self.batch_size], params, streamer)
             rows += ids
             reasons += why
         texts = self.tokenizer.batch_decode(rows, skip_special_tokens=True)
@@ -62,21 +62,23 @@ class HFBackend:
             rows, texts, reasons = _apply_stop(rows, texts, reasons, params.stop, self.tokenizer)
         return Completions(rows, texts, reasons)
 
-    def _generate_batch(self, prompts: list[list[int]], params: SamplingParams):
-        pad = self.tokenizer.pad_token_id
-        input_ids, attention = left_pad(prompts, pad)
-        width = input_ids.shape[1]
+    def generation_config(self, params: SamplingParams) -> GenerationConfig:
+        """Every setting that shapes sampling, explicit: temperature and top-p only (no top-k)."""
         sample = params.temperature > 0
-        out = self.model.generate(
-            input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device),
-            max_new_tokens=params.max_new_tokens, do_sample=sample,
-            temperature=params.temperature if sample else None, top_p=params.top_p if sample else None,
-            top_k=0 if sample else None, pad_token_id=pad, eos_token_id=self.eos_ids)
+        return GenerationConfig(
+            max_new_tokens=params.max_new_tokens, do_sample=sample, pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.eos_ids, temperature=params.temperature if sample else 1.0,
+            top_p=params.top_p if sample else 1.0, top_k=0 if sample else None, min_p=0.0,
+            **NEUTRAL_GENERATION)
+
+    def _generate_batch(self, prompts: list[list[int]], params: SamplingParams, streamer):
+        input_ids, attention = left_pad(prompts, self.tokenizer.pad_token_id)
+        width = input_ids.shape[1]
+        out = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device),
+                                  generation_config=self.generation_config(params), streamer=streamer)
         return _truncate_at_eos(out[:, width:].cpu().numpy(), self.eos_ids)
 
     def load_weights(self, buckets: list) -> int:
-        from aapo_ray.learner import load_weight_buckets
-
         return load_weight_buckets(self.model, buckets)
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -84,67 +86,17 @@ class HFBackend:
         with torch.no_grad():
             return self.model(input_ids.to(self.device)).logits.float().cpu()
 
-    def sleep(self) -> None:  # nothing to release on CPU
-        pass
 
-    def wake(self) -> None:
-        pass
-
-
-class SGLangBackend:
-    """``sglang.Engine`` fed with token ids; weights synced with ``update_weights_from_tensor``."""
-
-    def __init__(self, model_path: str, *, trust_remote_code: bool = False, dtype: str = "bfloat16",
-                 mem_fraction: float = 0.6, seed: int = 0, **_):
-        try:
-            import sglang
-        except ImportError as exc:
-            raise RuntimeError(
-                "rollout.backend=sglang needs SGLang on a CUDA machine: pip install 'aapo-ray[gpu]' "
-                "(with a CUDA build of torch). On CPU use rollout.backend=hf.") from exc
-        from transformers import AutoTokenizer
-
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
-        self.engine = sglang.Engine(model_path=model_path, dtype=dtype, mem_fraction_static=mem_fraction,
-                                    random_seed=seed, skip_tokenizer_init=True,
-                                    trust_remote_code=trust_remote_code)
-        self.eos_ids = [self.tokenizer.eos_token_id]
-
-    def generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> Completions:
-        sampling = {"temperature": params.temperature, "top_p": params.top_p,
-                    "max_new_tokens": params.max_new_tokens}
-        if params.seed is not None:
-            sampling["sampling_seed"] = params.seed
-        outputs = self.engine.generate(input_ids=prompt_ids, sampling_params=sampling)
-        rows = [np.asarray(o["output_ids"], dtype=np.int32) for o in outputs]
-        reasons = [(o["meta_info"].get("finish_reason") or {}).get("type", "length") for o in outputs]
-        texts = self.tokenizer.batch_decode(rows, skip_special_tokens=True)
-        return Completions(rows, texts, ["stop" if r == "stop" else "length" for r in reasons])
-
-    def load_weights(self, buckets: list) -> int:
-        from aapo_ray.learner import unpack_bucket
-
-        named = [pair for bucket in buckets for pair in unpack_bucket(bucket)]
-        self.engine.update_weights_from_tensor(named_tensors=named)
-        return len(named)
-
-    def sleep(self) -> None:
-        self.engine.release_memory_occupation()
-
-    def wake(self) -> None:
-        self.engine.resume_memory_occupation()
-
-
-def make_backend(kind: str, model_path: str, **kwargs):
-    """``"hf"`` or ``"sglang"``."""
+def make_backend(kind: str, model_path: str, *, trust_remote_code: bool = False, dtype: str = "float32",
+                 device: str | None = None, allow_pickle: bool = False, batch_size: int = 64,
+                 mem_fraction: float = 0.6, seed: int = 0):
+    """``"hf"`` (batch_size, device) or ``"sglang"`` (mem_fraction, seed: the engine's random seed)."""
     if kind == "hf":
-        kwargs.pop("mem_fraction", None)
-        kwargs.pop("seed", None)
-        return HFBackend(model_path, **kwargs)
+        return HFBackend.load(model_path, trust_remote_code=trust_remote_code, dtype=dtype, device=device,
+                              batch_size=batch_size, allow_pickle=allow_pickle)
     if kind == "sglang":
-        kwargs.pop("batch_size", None)
-        kwargs.pop("device", None)
-        return SGLangBackend(model_path, **kwargs)
+        return SGLangBackend(model_path, trust_remote_code=trust_remote_code, dtype=dtype,
+                             mem_fraction=mem_fraction, seed=seed)
     raise ValueError(f"unknown generation backend {kind!r}; use 'hf' or 'sglang'")
 
 
@@ -157,17 +109,6 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
         input_ids[i, width - len(p):] = torch.as_tensor(p, dtype=torch.long)
         attention[i, width - len(p):] = 1
     return input_ids, attention
-
-
-def eos_token_ids(model, tokenizer) -> list[int]:
-    """Every id that ends a completion: the generation config's EOS ids and the tokenizer's."""
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids = list(eos) if isinstance(eos, (list, tuple)) else [eos] if eos is not None else []
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(tokenizer.eos_token_id)
-    if not ids:
-        raise ValueError("the model has no EOS token (generation_config.eos_token_id / tokenizer.eos_token)")
-    return ids
 
 
 def _truncate_at_eos(generated: np.ndarray, eos_ids: list[int]) -> tuple[list[np.ndarray], list[str]]:

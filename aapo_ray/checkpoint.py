@@ -1,4 +1,5 @@
-"""Atomic checkpoints in a run directory, and finding the last complete one.
+"""Atomic checkpoints in a run directory, finding the last complete one, and the HF model a run or
+checkpoint directory serves.
 
 Layout: ``RUN_DIR/checkpoints/step_000020/{learner/, hf/, rng.pt, state.json}``. A checkpoint is
 written under a ``.tmp-`` name, ``state.json`` last, then renamed: a crash mid-save leaves only a
@@ -12,6 +13,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -81,3 +83,40 @@ def _write_json_durably(path: Path, data: dict) -> None:
         json.dump(data, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
+
+
+def resolve_model_dir(path: str | os.PathLike, checkpoint: str | None = None) -> tuple[Path, str]:
+    """(HF model directory, default served name) for a run directory or a plain HF model dir.
+
+    A run directory serves ``checkpoints/step_N/hf`` of its latest complete checkpoint (one with
+    ``state.json``) or of ``checkpoint`` (``step_N``, ``step_000N`` or ``N``). A checkpoint
+    directory (``.../step_N``) serves its ``hf/``. The name is the run / model directory's name.
+    """
+    p = Path(path).expanduser().resolve()
+    if not p.is_dir():
+        raise FileNotFoundError(f"{path}: no such directory (want a run directory or a HF model directory)")
+    root = checkpoints_root(p)
+    if checkpoint is None and (p / "config.json").is_file():
+        return p, p.name
+    if checkpoint is None and (p / "hf" / "config.json").is_file() and (p / STATE).is_file():
+        return p / "hf", p.parent.parent.name if p.parent.name == "checkpoints" else p.name
+    if not root.is_dir():
+        raise ValueError(f"{path} is neither a run directory (no checkpoints/) nor a HF model "
+                         "directory (no config.json)" + (" ; --checkpoint needs a run directory" if checkpoint else ""))
+    done = complete_checkpoints(p)
+    if checkpoint is not None:
+        m = re.fullmatch(r"(?:step_)?(\d+)", str(checkpoint).strip())
+        if not m:
+            raise ValueError(f"--checkpoint {checkpoint!r}: want step_N (e.g. step_20) or N")
+        chosen = [c for c in done if int(c.name[len("step_"):]) == int(m.group(1))]
+        if not chosen:
+            raise ValueError(f"--checkpoint {checkpoint}: no complete checkpoint with that step in {root}; "
+                             f"complete ones: {[c.name for c in done] or 'none'}")
+        ck = chosen[0]
+    elif not done:
+        raise ValueError(f"{path}: no complete checkpoint in {root} (a complete one has {STATE})")
+    else:
+        ck = done[-1]
+    if not (ck / "hf" / "config.json").is_file():
+        raise ValueError(f"checkpoint {ck} has no HF model in hf/ (config.json missing)")
+    return ck / "hf", p.name

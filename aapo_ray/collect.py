@@ -34,9 +34,9 @@ class _Job:
 def collect_scored(requests: list[tuple[GeneratorPool, list[Chunk]]], scorers: ScorerPool, *,
                    max_attempts: int = 3) -> tuple[list[list[pa.RecordBatch]], list[dict], Counter]:
     """Scored batches per pool (in chunk order), the scorers' counters, and fault counts."""
-    jobs = [[_Job(pool, c, pool.submit(c, i)) for i, c in enumerate(chunks)] for pool, chunks in requests]
+    jobs = [[_Job(pool, c, pool.async_submit(c, i)) for i, c in enumerate(chunks)] for pool, chunks in requests]
     flat = [job for per_pool in jobs for job in per_pool]
-    for job, scored in zip(flat, scorers.score([j.generated for j in flat])):
+    for job, scored in zip(flat, scorers.async_score([j.generated for j in flat])):
         job.scored = scored
     faults: Counter = Counter()
     results: dict[int, tuple[pa.RecordBatch, dict]] = {}
@@ -54,8 +54,8 @@ def collect_scored(requests: list[tuple[GeneratorPool, list[Chunk]]], scorers: S
                     log.warning("policy chunk from groups %d sampled stale weights; re-sampling", job.chunk.first_group)
                     faults["faults/policy_stale_resampled"] += 1
                     job.pool.heal()
-                    job.generated = job.pool.submit(job.chunk)
-                    job.scored = scorers.score([job.generated])[0]
+                    job.generated = job.pool.async_submit(job.chunk)
+                    job.scored = scorers.async_score([job.generated])[0]
                     continue
                 results[k] = (batch, counters)
             except ACTOR_FAILURES as exc:
@@ -66,12 +66,12 @@ def collect_scored(requests: list[tuple[GeneratorPool, list[Chunk]]], scorers: S
                     log.warning("%s generator died; re-sampling groups from %d", job.pool.role, job.chunk.first_group)
                     faults[f"faults/{job.pool.role}_regenerated"] += 1
                     job.pool.heal()
-                    job.generated = job.pool.submit(job.chunk)
+                    job.generated = job.pool.async_submit(job.chunk)
                 else:
                     log.warning("reward scorer died; re-scoring groups from %d", job.chunk.first_group)
                     faults["faults/rescored"] += 1
                     scorers.heal()
-                job.scored = scorers.score([job.generated])[0]
+                job.scored = scorers.async_score([job.generated])[0]
     batches, k = [], 0
     for per_pool in jobs:
         batches.append([results[k + i][0] for i in range(len(per_pool))])

@@ -11,7 +11,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-EMBEDDED_MODEL = "embedded"  # the tiny warm-started default built locally by aapo_ray.models
+EMBEDDED_MODEL = "embedded"  # the tiny warm-started default built locally by aapo_ray.embedded
 
 
 class Section(BaseModel):
@@ -224,23 +224,16 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 
 
 def validate(raw: dict) -> Config:
-    """Validate a raw dict; reward functions must resolve (import paths are imported here)."""
+    """Validate a raw dict: types, ranges, combinations. What needs other modules (reward functions
+    resolve, the memory plan fits) is checked by :func:`aapo_ray.preflight.check_config`."""
     try:
-        cfg = Config.model_validate(raw)
+        return Config.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(_format_errors(err)) from None
-    from aapo_ray.reward import resolve_reward_fn
-
-    for name in cfg.reward.functions:
-        try:
-            resolve_reward_fn(name)
-        except Exception as exc:  # noqa: BLE001 - surface any import problem as a config error
-            raise ConfigError(f"invalid config:\n  reward.functions.{name}: {exc}") from None
-    return cfg
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> Config:
-    """Read YAML (optional), apply dotted overrides, validate. Raises :class:`ConfigError`."""
+    """Read YAML (optional), apply dotted overrides, validate (:func:`validate`). Raises :class:`ConfigError`."""
     raw: dict = {}
     if path is not None:
         try:

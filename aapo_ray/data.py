@@ -14,13 +14,14 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
 import numpy as np
+import pyarrow.parquet as pq
 
 from aapo_ray.synthetic import DEFAULT_SPLIT_SIZES, PROMPT_TEMPLATE, SPLITS, SyntheticTask
 
 __all__ = ["R1_SYSTEM_PROMPT", "GOLD_FORMATS", "DEFAULT_MAX_ROW_CHARS", "PromptDataset",
            "PromptSampler", "extract_gold", "last_boxed", "load_prompt_dataset", "render_prompts"]
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 #: The system prompt of the paper's R1-Distill-Qwen-1.5B run (open-rs ``recipes/grpo.yaml``),
 #: verbatim, including its literal ``\boxed{{}}``.
@@ -161,14 +162,12 @@ def _iter_jsonl(path: str, max_row_chars: int) -> Iterator[tuple[int, str, Any]]
 
 
 def _iter_parquet(path: str) -> Iterator[dict]:
-    import pyarrow.parquet as pq
-
     for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
         yield from batch.to_pylist()
 
 
 def _open_hf_dir(path: str, split: str | None):
-    import datasets
+    import datasets  # ~1 s to import, only for save_to_disk directories
 
     ds = datasets.load_from_disk(path)
     if isinstance(ds, datasets.DatasetDict):
@@ -321,7 +320,7 @@ def load_prompt_dataset(
             break
 
     if ds.skipped:
-        logger.warning("%s: skipped %d bad row(s); first: %s", source, ds.skipped,
+        log.warning("%s: skipped %d bad row(s); first: %s", source, ds.skipped,
                        "; ".join(ds.problems[:3]))
     if not len(ds):
         detail = f" ({ds.skipped} bad row(s) skipped; first: {ds.problems[0]})" if ds.skipped else ""

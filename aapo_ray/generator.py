@@ -16,18 +16,11 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from aapo_ray.backends import SamplingParams, make_backend
+from aapo_ray.backends import make_backend
 from aapo_ray.config import Config
 from aapo_ray.launch import setup_actor_process
 from aapo_ray.rollout import make_rollout_batch
-
-PROMPT_SCHEMA = pa.schema([
-    pa.field("prompt_id", pa.int64()),
-    pa.field("prompt_ids", pa.list_(pa.int32())),
-    pa.field("prompt", pa.string()),
-    pa.field("gold", pa.string()),
-])
-
+from aapo_ray.sampling import SamplingParams, chunk_seed, engine_seed
 
 class GeneratorActor:
     """One generation replica (hf or sglang backend) holding a versioned copy of the weights."""
@@ -35,12 +28,11 @@ class GeneratorActor:
     def __init__(self, cfg: Config, model_path: str, role: str, replica: int):
         setup_actor_process(cfg.run.torch_threads)
         self.role, self.replica = role, replica
-        self.group_size = cfg.algo.group_size
         self.backend = make_backend(
             cfg.rollout.backend, model_path, trust_remote_code=cfg.model.trust_remote_code,
             dtype=cfg.model.dtype, allow_pickle=cfg.model.allow_pickle,
             batch_size=cfg.rollout.generation_batch_size, mem_fraction=cfg.rollout.sglang_mem_fraction,
-            seed=cfg.run.seed)
+            seed=engine_seed(cfg.run.seed, role, replica))
         self.weight_version = 0
 
     def ready(self) -> dict:
@@ -60,8 +52,8 @@ class GeneratorActor:
             prompt=prompts.column("prompt").take(pa.array(rows)).to_pylist(),
             completion=out.texts, gold=prompts.column("gold").take(pa.array(rows)).to_pylist(),
             finish_reason=out.finish_reasons, weight_version=self.weight_version)
-        elapsed = time.perf_counter() - start
-        return batch.replace_schema_metadata({"generate_s": str(elapsed)})
+        elapsed = time.perf_counter() - start  # the metadata travels with the batch to the learners
+        return batch.replace_schema_metadata({"generate_s": str(elapsed), "temperature": str(params.temperature)})
 
     def update_weights(self, buckets: list, version: int) -> int:
         """Copy learner weights (bucket ObjectRefs, resolved here) into the backend."""
@@ -74,12 +66,6 @@ class GeneratorActor:
 
     def logits(self, input_ids):
         return self.backend.logits(input_ids)
-
-    def sleep(self) -> None:
-        self.backend.sleep()
-
-    def wake(self) -> None:
-        self.backend.wake()
 
 
 @dataclass
@@ -127,19 +113,18 @@ class GeneratorPool:
         out = []
         for i, rows in enumerate(np.array_split(np.arange(prompts.num_rows), len(self.actors))):
             if len(rows):
-                seed = None if params.seed is None else params.seed + 7919 * i
                 out.append(Chunk(prompts.slice(int(rows[0]), len(rows)), int(rows[0]), n,
-                                 dataclasses.replace(params, seed=seed)))
+                                 dataclasses.replace(params, seed=chunk_seed(params.seed, i))))
         return out
 
-    def submit(self, chunk: Chunk, replica: int | None = None) -> ray.ObjectRef:
+    def async_submit(self, chunk: Chunk, replica: int | None = None) -> ray.ObjectRef:
         """Sample one chunk; ``replica=None`` picks the next replica in turn."""
         actor = self.actors[next(self._turn) % len(self.actors) if replica is None else replica]
         return actor.generate.remote(chunk.prompts, chunk.first_group, chunk.n, chunk.params)
 
-    def generate(self, prompts: pa.RecordBatch, n: int, params: SamplingParams) -> list[ray.ObjectRef]:
+    def async_generate(self, prompts: pa.RecordBatch, n: int, params: SamplingParams) -> list[ray.ObjectRef]:
         """Spread prompt groups over replicas in contiguous chunks; refs come back in group order."""
-        return [self.submit(c, i) for i, c in enumerate(self.chunks(prompts, n, params))]
+        return [self.async_submit(c, i) for i, c in enumerate(self.chunks(prompts, n, params))]
 
     def update_weights(self, buckets: list[ray.ObjectRef], version: int) -> None:
         self._latest = (buckets, version)
@@ -173,12 +158,3 @@ class GeneratorPool:
         for a in self.actors:
             ray.kill(a)
         self.actors = []
-
-
-def make_prompt_batch(prompt_ids: list, token_ids: list[list[int]], prompts: list[str], golds: list[str]) -> pa.RecordBatch:
-    """The request a pool samples from: one row per prompt."""
-    from aapo_ray.rollout import token_list_array
-
-    return pa.RecordBatch.from_arrays(
-        [pa.array(np.asarray(prompt_ids, dtype=np.int64)), token_list_array(token_ids),
-         pa.array(prompts, pa.string()), pa.array(golds, pa.string())], schema=PROMPT_SCHEMA)

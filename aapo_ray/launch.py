@@ -8,6 +8,7 @@ import threading
 from contextlib import contextmanager
 
 import ray  # aapo_ray/__init__.py has already pinned a local cluster's ports to 127.0.0.1
+import torch
 
 # Environment every actor process gets: deterministic, quiet, bounded thread pools.
 ACTOR_ENV = {
@@ -39,8 +40,6 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, namespa
 
 def setup_actor_process(torch_threads: int, seed: int | None = None) -> None:
     """Called first in every actor: bound torch's threads (2 cores are shared by all roles) and seed."""
-    import torch
-
     torch.set_num_threads(torch_threads)
     if seed is not None:
         torch.manual_seed(seed)

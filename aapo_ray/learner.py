@@ -5,8 +5,8 @@ each its equal slice of a step's rollout batch and collects metrics. Gradients a
 over the whole batch (split invariance, see :mod:`aapo_ray.algo`): every micro-batch loss is a
 partial sum divided by the step's global ``loss_denominator``, and is multiplied by
 ``world_size * gradient_accumulation_steps`` to undo DeepSpeed's averaging over ranks and
-micro-batches. Weights leave rank 0 in flat per-dtype buckets (:func:`load_weight_buckets`
-puts them into a generator's model). ZeRO stages 0-2 keep full parameters on every rank.
+micro-batches. Weights leave rank 0 in flat per-dtype buckets (:mod:`aapo_ray.weights`).
+ZeRO stages 0-2 keep full parameters on every rank.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import resource
 import socket
 import time
 from collections import Counter
-from typing import Callable, Iterable
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -29,7 +29,9 @@ import torch
 from aapo_ray.algo import get_estimator, grpo_loss, token_logprobs
 from aapo_ray.config import Config
 from aapo_ray.launch import setup_actor_process
-from aapo_ray.rollout import column_numpy, padded_tensors, shard
+from aapo_ray.models import load_model_and_tokenizer
+from aapo_ray.rollout import column_numpy, padded_tensors, sampling_temperature, shard
+from aapo_ray.weights import bucket_parameters
 
 CHECKPOINT_TAG = "deepspeed"  # engine.save_checkpoint(path, tag) writes path/deepspeed/...
 REQUIRED_COLUMNS = ("prompt_ids", "completion_ids", "advantage")
@@ -113,74 +115,8 @@ def deepspeed_config(cfg: Config) -> dict:
 
 def _load_model(cfg: Config, model_path: str):
     """(model, tokenizer) in float32; DeepSpeed casts to bf16 itself when enabled."""
-    from aapo_ray.models import load_model_and_tokenizer
-
     return load_model_and_tokenizer(model_path, trust_remote_code=cfg.model.trust_remote_code,
                                     dtype=torch.float32, allow_pickle=cfg.model.allow_pickle)
-
-
-# ----------------------------------------------------------------------------- weight buckets
-def bucket_parameters(named: Iterable[tuple[str, torch.Tensor]], bucket_mb: float) -> list[tuple]:
-    """Group tensors into flat contiguous CPU buckets of <= ``bucket_mb`` MB per dtype.
-
-    Each bucket is ``(names, shapes, flat)``; a tensor larger than the limit gets its own bucket.
-    """
-    limit = int(bucket_mb * 2**20)
-    open_buckets: dict[torch.dtype, list] = {}
-    done: list[tuple] = []
-
-    def close(dtype):
-        items = open_buckets.pop(dtype)
-        flat = torch.cat([t.detach().reshape(-1) for _, t in items]).cpu()
-        done.append(([n for n, _ in items], [tuple(t.shape) for _, t in items], flat))
-
-    for name, tensor in named:
-        items = open_buckets.setdefault(tensor.dtype, [])
-        size = sum(t.numel() * t.element_size() for _, t in items)
-        if items and size + tensor.numel() * tensor.element_size() > limit:
-            close(tensor.dtype)
-            items = open_buckets.setdefault(tensor.dtype, [])
-        items.append((name, tensor))
-    for dtype in list(open_buckets):
-        close(dtype)
-    return done
-
-
-def unpack_bucket(bucket) -> list[tuple[str, torch.Tensor]]:
-    """``(name, tensor)`` views of one exported bucket (a tuple or an ObjectRef to one)."""
-    names, shapes, flat = ray.get(bucket) if isinstance(bucket, ray.ObjectRef) else bucket
-    sizes = [math.prod(s) for s in shapes]
-    if len(names) != len(shapes) or sum(sizes) != flat.numel():
-        raise ValueError(f"corrupt weight bucket: {len(names)} names, {len(shapes)} shapes, "
-                         f"{flat.numel()} values for {sum(sizes)} expected")
-    return [(name, part.view(shape)) for name, shape, part in zip(names, shapes, flat.split(sizes))]
-
-
-def load_weight_buckets(model: torch.nn.Module, buckets: list, *, strict: bool = True) -> int:
-    """Copy exported buckets (tuples or ObjectRefs to them) into ``model``'s parameters in place.
-
-    Checks every name and shape; with ``strict`` every parameter of ``model`` must be covered.
-    Tied parameters (embedding / lm_head) appear once, under their first name. Returns the
-    number of tensors loaded.
-    """
-    params = dict(model.named_parameters())
-    loaded: set[str] = set()
-    with torch.no_grad():
-        for bucket in buckets:
-            for name, tensor in unpack_bucket(bucket):
-                if name not in params:
-                    raise ValueError(f"weight sync: the learner sent {name!r}, which this model does not "
-                                     f"have (different architecture or weight tying?)")
-                if params[name].shape != tensor.shape:
-                    raise ValueError(f"weight sync: {name!r} has shape {tuple(tensor.shape)} from the learner "
-                                     f"but {tuple(params[name].shape)} here")
-                params[name].copy_(tensor)
-                loaded.add(name)
-    missing = sorted(set(params) - loaded)
-    if strict and missing:
-        raise ValueError(f"weight sync: {len(missing)} parameters were not in the buckets, e.g. "
-                         f"{missing[:3]} (different architecture or weight tying?)")
-    return len(loaded)
 
 
 # ----------------------------------------------------------------------------- the actor
@@ -212,11 +148,10 @@ class LearnerActor:
 
     def setup(self, master_addr: str, master_port: int, torch_threads: int) -> dict:
         """Join the process group, load the model(s) and build the DeepSpeed engine."""
-        start = time.perf_counter()
         torch.set_num_threads(torch_threads)
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
                           WORLD_SIZE=str(self.world_size), LOCAL_RANK="0")  # Ray shows each actor its own GPU
-        import deepspeed
+        import deepspeed  # only now: it reads DS_ACCELERATOR (set in __init__) when imported
 
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         if self.backend == "gloo":
@@ -260,9 +195,9 @@ class LearnerActor:
             self.ref_model.train(False).requires_grad_(False)
             if lc.bf16 and lc.gpus_per_learner > 0:
                 self.ref_model.to(torch.bfloat16)
-        return {"rank": self.rank, "setup_s": time.perf_counter() - start, "torch_threads": torch.get_num_threads()}
+        return {"rank": self.rank, "torch_threads": torch.get_num_threads()}
 
-    def _loss_kwargs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
+    def _loss_kwargs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float) -> dict:
         algo = self.cfg.algo
         if self.estimator.loss is not grpo_loss:  # aapo / gpg take no extra arguments
             return {}
@@ -270,15 +205,16 @@ class LearnerActor:
         if self.ref_model is not None:
             with torch.no_grad():
                 logits = self.ref_model(input_ids=input_ids, attention_mask=attention_mask).logits
-                kwargs.update(ref_logprobs=token_logprobs(logits[:, :-1], input_ids[:, 1:],
-                                                          self.cfg.rollout.temperature),
+                kwargs.update(ref_logprobs=token_logprobs(logits[:, :-1], input_ids[:, 1:], temperature),
                               kl_beta=algo.kl_beta)
         return kwargs
 
     def train_step(self, batch: pa.RecordBatch, loss_denominator: float) -> dict[str, float]:
-        """One optimizer step on this rank's rows; all ranks must call it together."""
+        """One optimizer step on this rank's rows; all ranks must call it together. Log-probs use the
+        temperature the rows were sampled with (the batch's metadata)."""
         start = time.perf_counter()
         check_rows(batch, self.cfg)
+        temperature = sampling_temperature(batch)
         if not loss_denominator > 0:
             raise ValueError(f"loss_denominator must be > 0, got {loss_denominator}")
         lr = float(self.engine.get_lr()[0])
@@ -292,9 +228,9 @@ class LearnerActor:
             mask = t["completion_mask"][:, 1:].to(self.device)
             adv = torch.from_numpy(column_numpy(micro, "advantage").astype(np.float32)).to(self.device)
             logits = self.engine(input_ids=ids, attention_mask=attn).logits
-            logprobs = token_logprobs(logits[:, :-1], ids[:, 1:], self.cfg.rollout.temperature)
+            logprobs = token_logprobs(logits[:, :-1], ids[:, 1:], temperature)
             loss = self.estimator.loss(logprobs, mask, adv, num_tokens=float(loss_denominator),
-                                       **self._loss_kwargs(ids, attn))
+                                       **self._loss_kwargs(ids, attn, temperature))
             self.engine.backward(loss * scale)
             if self.cfg.learner.zero_stage == 0 and first + mbs >= batch.num_rows:
                 grad_norm = self._reduced_grad_norm()  # DeepSpeed reports none without ZeRO
@@ -362,7 +298,6 @@ class LearnerGroup:
             threads = learner_threads(cfg, placement)
             addr, port = self._gather("master_address", [self.actors[0].master_address.remote()])[0]
             setup = self._gather("setup", [a.setup.remote(addr, port, t) for a, t in zip(self.actors, threads)])
-            self.setup_s = [m["setup_s"] for m in setup]
             self.torch_threads = [m["torch_threads"] for m in setup]
         except BaseException:
             self.shutdown()
@@ -386,10 +321,9 @@ class LearnerGroup:
     def _call(self, method: str, *args) -> list:
         return self._gather(method, [getattr(a, method).remote(*args) for a in self.actors])
 
-    def train_step(self, batch: pa.RecordBatch | ray.ObjectRef, loss_denominator: float) -> dict[str, float]:
-        """One step on the whole batch, split into equal contiguous shards (rank order)."""
-        if isinstance(batch, ray.ObjectRef):
-            batch = ray.get(batch)
+    def train_step(self, batch: pa.RecordBatch, loss_denominator: float) -> dict[str, float]:
+        """One step on the whole batch (:func:`aapo_ray.rollout.learner_batch`), split into equal contiguous
+        shards in rank order; each shard goes into the object store once, for its rank."""
         try:  # checked here too, so that bad data never reaches only some ranks
             shards = shard(batch, self.world_size)
             check_rows(batch, self.cfg, whole_step=True)
@@ -408,7 +342,8 @@ class LearnerGroup:
         }
 
     def export_weights(self, bucket_mb: float | None = None) -> list[ray.ObjectRef]:
-        """Rank 0's full parameters as bucket refs for :func:`load_weight_buckets`."""
+        """Waits for rank 0's export; returns handles to its parameter buckets in the object store
+        (for :func:`aapo_ray.weights.load_weight_buckets`)."""
         mb = self.cfg.learner.sync_bucket_mb if bucket_mb is None else bucket_mb
         return self._gather("export_weights", [self.actors[0].export_weights.remote(mb)])[0]
 

@@ -1,10 +1,16 @@
-"""Per-step metrics: ``metrics.jsonl`` (one line per step), TensorBoard events, and a PNG plot."""
+"""Per-step metrics: what a step's rollouts say, ``metrics.jsonl`` (one line per step), TensorBoard
+events, a PNG plot, and the end-of-run summary."""
 
 from __future__ import annotations
 
 import json
 import math
 from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from aapo_ray.rollout import REWARD_PREFIX, column_numpy
 
 
 class MetricsLogger:
@@ -16,7 +22,7 @@ class MetricsLogger:
             self.truncate_after(resume_step)
         self._tb = None
         try:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # heavy; only the driver writes events
 
             self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
         except ImportError:  # tensorboard is a dependency; keep logging JSONL if it is broken
@@ -55,10 +61,10 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def plot_run(run_dir: Path, out: Path | None = None) -> Path:
     """``reward_curve.png``: training reward, held-out accuracy, and AAPO's zero-signal fractions."""
-    import matplotlib
+    import matplotlib  # heavy, needed once at the end of a run
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after use("Agg"): no display here
 
     rows = read_metrics(run_dir)
     out = Path(out or Path(run_dir) / "reward_curve.png")
@@ -83,6 +89,51 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+def rollout_stats(rollouts: pa.RecordBatch, ref_batch: pa.RecordBatch | None, counters: list[dict]) -> dict:
+    """Lengths, truncation, per-function reward means, scorer counters and busy time of a step."""
+    lengths = np.diff(rollouts.column("completion_ids").offsets.to_numpy())
+    stats = {
+        "completion_len_mean": float(lengths.mean()),
+        "truncated_frac": float(np.mean(np.asarray(rollouts.column("finish_reason").to_pylist()) == "length")),
+        "completion_tokens": float(lengths.sum()),
+    }
+    for name in rollouts.schema.names:
+        if name.startswith(REWARD_PREFIX):
+            stats[name.removeprefix(REWARD_PREFIX) + "_mean"] = float(np.nanmean(column_numpy(rollouts, name)))
+    if ref_batch is not None:
+        stats["completion_tokens"] += float(len(ref_batch.column("completion_ids").values))
+    for key in ("timeouts", "errors", "none", "unparseable_gold"):
+        stats[f"reward/{key}"] = float(sum(c.get(key, 0) for c in counters))
+    stats["time/score_s"] = float(sum(c["score_s"] for c in counters))  # scorer busy time (policy + reference)
+    return stats
+
+
+def generate_seconds(batches: list[pa.RecordBatch]) -> float:
+    """Busy time of the slowest replica (replicas generate concurrently)."""
+    return max((float(b.schema.metadata[b"generate_s"]) for b in batches), default=0.0)
+
+
+def progress_postfix(m: dict) -> dict:
+    """The few numbers the progress bar shows."""
+    keys = {"reward_mean": "reward", "accuracy_mean": "acc", "zero_variance_group_frac": "zvar",
+            "margin_mean": "margin", "tokens_per_s": "tok/s", "eval/accuracy": "eval"}
+    return {short: f"{m[k]:.3g}" for k, short in keys.items() if k in m}
+
+
+def summary(run_dir: Path) -> str:
+    """Held-out accuracy first -> last evaluation, training reward first -> last fifth."""
+    rows = read_metrics(run_dir)
+    evals = [(r["step"], r["eval/accuracy"]) for r in rows if "eval/accuracy" in r]
+    train = [r["reward_mean"] for r in rows if "reward_mean" in r]
+    lines = [f"run directory: {run_dir}"]
+    if evals:
+        lines.append(f"held-out accuracy: {evals[0][1]:.3f} (step {evals[0][0]}) -> {evals[-1][1]:.3f} (step {evals[-1][0]})")
+    if train:
+        k = max(1, len(train) // 5)
+        lines.append(f"training reward: first {k} steps {np.mean(train[:k]):.3f} -> last {k} steps {np.mean(train[-k:]):.3f}")
+    return "\n".join(lines)
 
 
 def _parse(line: str) -> dict:

@@ -37,7 +37,7 @@ __all__ = ["RewardFn", "accuracy_reward", "format_reward", "cosine_reward", "REW
            "resolve_reward_fn", "reward_counters", "ScoreResult", "BatchScorer"]
 
 RewardFn = Callable[[str, str], Optional[float]]
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------- rewards
 
@@ -378,7 +378,7 @@ class BatchScorer:
                 raise
         c = tally.counters
         if c["timeouts"] or c["errors"]:
-            logger.warning("reward scoring: %d timeouts, %d errors over %d completions%s",
+            log.warning("reward scoring: %d timeouts, %d errors over %d completions%s",
                            c["timeouts"], c["errors"], len(items), tally.first_error)
         total = np.nan_to_num(tally.values, nan=0.0).astype(np.float64).T @ self.weights
         return ScoreResult(per_function=dict(zip(self.names, tally.values)),

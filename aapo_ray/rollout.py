@@ -30,6 +30,12 @@ ROLLOUT_SCHEMA = pa.schema([
     pa.field("weight_version", pa.int64()),               # policy version that sampled it
 ])
 REWARD_PREFIX = "reward/"
+PROMPT_SCHEMA = pa.schema([  # a generation request: one row per prompt
+    pa.field("prompt_id", pa.int64()),
+    pa.field("prompt_ids", TOKENS),
+    pa.field("prompt", pa.string()),
+    pa.field("gold", pa.string()),
+])
 
 
 def token_list_array(sequences: list[list[int]] | list[np.ndarray]) -> pa.ListArray:
@@ -39,6 +45,13 @@ def token_list_array(sequences: list[list[int]] | list[np.ndarray]) -> pa.ListAr
     np.cumsum(lengths, out=offsets[1:])
     values = np.concatenate([np.asarray(s, dtype=np.int32) for s in sequences]) if len(sequences) else np.zeros(0, np.int32)
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=pa.int32()))
+
+
+def make_prompt_batch(prompt_ids: list, token_ids: list[list[int]], prompts: list[str], golds: list[str]) -> pa.RecordBatch:
+    """The request a generator pool samples from: one row per prompt."""
+    return pa.RecordBatch.from_arrays(
+        [pa.array(np.asarray(prompt_ids, dtype=np.int64)), token_list_array(token_ids),
+         pa.array(prompts, pa.string()), pa.array(golds, pa.string())], schema=PROMPT_SCHEMA)
 
 
 def make_rollout_batch(*, prompt_ids: list, completion_ids: list, prompt_id, group_index, sample_index,
@@ -90,6 +103,27 @@ def column_numpy(batch: pa.RecordBatch, name: str) -> np.ndarray:
     return batch.column(name).to_numpy(zero_copy_only=False)
 
 
+LEARNER_COLUMNS = ("prompt_ids", "completion_ids", "advantage")  # what a learner reads
+
+
+def learner_batch(rollouts: pa.RecordBatch, advantages, temperature: float | None = None) -> pa.RecordBatch:
+    """The rows as the learners take them: token ids and ``advantage`` only, with the sampling
+    temperature in the metadata (the generators' own, unless ``temperature`` is given)."""
+    if temperature is None:
+        temperature = sampling_temperature(rollouts)
+    batch = with_columns(rollouts.select(list(LEARNER_COLUMNS[:-1])), advantage=advantages)
+    return batch.replace_schema_metadata({"temperature": repr(float(temperature))})
+
+
+def sampling_temperature(batch: pa.RecordBatch) -> float:
+    """The temperature the rows were sampled with, from the batch metadata a generator writes."""
+    value = (batch.schema.metadata or {}).get(b"temperature")
+    if value is None:
+        raise ValueError("rollout batch has no 'temperature' in its metadata: build learner batches with "
+                         "aapo_ray.rollout.learner_batch (log-probs must use the sampling temperature)")
+    return float(value)
+
+
 def _flat(list_array: pa.ListArray) -> tuple[np.ndarray, np.ndarray]:
     """(lengths, values) of a list<int32> column without copying the values."""
     offsets = list_array.offsets.to_numpy()
@@ -103,7 +137,7 @@ def padded_tensors(batch: pa.RecordBatch, pad_id: int) -> dict[str, torch.Tensor
     ``completion_mask[i, t]`` is 1 where ``input_ids[i, t]`` is a completion token; the learner
     predicts token t from position t-1. Built with index arithmetic over the flat Arrow buffers.
     """
-    import torch
+    import torch  # here, not at the top: scorer actors import this module and never need torch
 
     p_len, p_vals = _flat(batch.column("prompt_ids"))
     c_len, c_vals = _flat(batch.column("completion_ids"))

@@ -61,7 +61,7 @@ class ScorerPool:
         return ray.remote(RewardScorer).options(
             num_cpus=self.cfg.reward.cpus_per_scorer, resources=resources or None, max_restarts=3).remote(self.cfg)
 
-    def score(self, batch_refs: list[ray.ObjectRef]) -> list[tuple[ray.ObjectRef, ray.ObjectRef]]:
+    def async_score(self, batch_refs: list[ray.ObjectRef]) -> list[tuple[ray.ObjectRef, ray.ObjectRef]]:
         """One (scored batch ref, counters ref) per input ref, in order."""
         return [self.actors[next(self._next)].score.options(num_returns=2).remote(ref) for ref in batch_refs]
 

@@ -28,6 +28,10 @@ import time
 from pathlib import Path
 
 import yaml
+from ray.job_submission import JobSubmissionClient
+
+from aapo_ray.config import ConfigError
+from aapo_ray.train_cli import add_train_parser, resolve_train_config
 
 EXAMPLE = """\
 examples:
@@ -97,10 +101,8 @@ def check_train_command(argv: list[str], *, working_dir: str | None = None, vali
 
     Returns ``(train_namespace, config or None)``; raises :class:`SubmitError`.
     """
-    from aapo_ray.cli import build_parser, resolve_train_config
-    from aapo_ray.config import ConfigError
-
-    parser = build_parser()
+    parser = argparse.ArgumentParser(prog="aapo")
+    add_train_parser(parser.add_subparsers(dest="command", required=True))
     try:
         targs = parser.parse_args(argv)
     except SystemExit as exc:  # argparse already printed the usage error (or the help: exit 0)
@@ -180,8 +182,6 @@ def run(args: argparse.Namespace) -> int:
     if cfg is not None:
         print(f"aapo submit: config OK ({cfg.algo.estimator}, {cfg.run.steps} steps, "
               f"{cfg.completions_per_step} completions/step, model {cfg.model.path})", flush=True)
-
-    from ray.job_submission import JobSubmissionClient
 
     try:
         client = JobSubmissionClient(args.address)

@@ -182,14 +182,14 @@ def run_pipeline(overrides: dict, *, keep_dir: str | None = None) -> dict:
 def model_dir(path: str) -> str:
     """A config's ``model.path`` as a local directory ("embedded" -> the cached default model)."""
     if path == "embedded":
-        from aapo_ray.models import default_model_path
+        from aapo_ray.embedded import default_model_path
 
         return default_model_path(progress=False)
     return path
 
 
 def larger_model_path() -> str:
-    from aapo_ray.models import default_model_path
+    from aapo_ray.embedded import default_model_path
 
     return default_model_path(recipe=LARGER_RECIPE, progress=False)
 

@@ -35,7 +35,7 @@ def pct(values, q):
 
 
 def bare(backend, prompts, concurrency, rounds, max_tokens):
-    from aapo_ray.backends import SamplingParams
+    from aapo_ray.sampling import SamplingParams
 
     params = SamplingParams(temperature=0, max_new_tokens=max_tokens)
     ids = [backend.tokenizer(p)["input_ids"] for p in prompts]
@@ -106,19 +106,20 @@ def main() -> int:
 
     from aapo_ray.backends import HFBackend
     from aapo_ray.launch import init_ray
-    from aapo_ray.serve import build_app, resolve_model_dir
+    from aapo_ray.checkpoint import resolve_model_dir
+    from aapo_ray.serve import build_app
     from aapo_ray.synthetic import SyntheticTask
 
     torch.set_num_threads(1)
     if args.model:
         model_dir = str(resolve_model_dir(args.model)[0])
     else:
-        from aapo_ray.models import default_model_path
+        from aapo_ray.embedded import default_model_path
 
         model_dir = default_model_path(progress=False)
     prompts = SyntheticTask().prompts("test", 64)
 
-    backend = HFBackend(model_dir, device="cpu")
+    backend = HFBackend.load(model_dir, device="cpu")
     base = {c: bare(backend, prompts, c, max(2, total // c), args.max_tokens) for c in args.concurrency}
     del backend
 

@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     log = Path(tempfile.gettempdir()) / f"serve_load-{os.getpid()}.server.log"
     if url is None:
         if args.model is None:
-            from aapo_ray.models import default_model_path
+            from aapo_ray.embedded import default_model_path
 
             args.model = default_model_path(progress=False)
         port = free_port()

@@ -48,13 +48,14 @@ def single_process(a: dict) -> dict:
 
     torch.set_num_threads(a["threads"])
     from aapo_ray.algo import get_estimator, token_logprobs
-    from aapo_ray.backends import HFBackend, SamplingParams
+    from aapo_ray.backends import HFBackend
+    from aapo_ray.sampling import SamplingParams, step_seed
     from aapo_ray.data import PromptSampler, load_prompt_dataset, render_prompts
     from aapo_ray.reward import accuracy_reward
 
     est = get_estimator(a["estimator"])
-    policy = HFBackend(a["model_path"], batch_size=a["gen_batch"], device="cpu")
-    reference = HFBackend(a["model_path"], batch_size=a["gen_batch"], device="cpu") if est.needs_reference else None
+    policy = HFBackend.load(a["model_path"], batch_size=a["gen_batch"], device="cpu")
+    reference = HFBackend.load(a["model_path"], batch_size=a["gen_batch"], device="cpu") if est.needs_reference else None
     model, tok = policy.model, policy.tokenizer
     torch.manual_seed(a["seed"])
     opt = torch.optim.AdamW(model.parameters(), lr=a["lr"], betas=(0.9, 0.999), weight_decay=0.0)
@@ -67,11 +68,10 @@ def single_process(a: dict) -> dict:
         idx = sampler.next_batch()
         prompts = [ids[i] for i in idx for _ in range(G)]
         golds = [ds.golds[i] for i in idx for _ in range(G)]
-        seed = a["seed"] * 1_000_003 + step
         params = lambda s: SamplingParams(temperature=T, top_p=1.0, max_new_tokens=a["max_new_tokens"], seed=s)  # noqa: E731
-        out = policy.generate(prompts, params(seed))
+        out = policy.generate(prompts, params(step_seed(a["seed"], step, "policy")))
         t1 = time.perf_counter()
-        ref = reference.generate(prompts, params(seed + 500_009)) if reference else None
+        ref = reference.generate(prompts, params(step_seed(a["seed"], step, "reference"))) if reference else None
         t2 = time.perf_counter()
         rewards = torch.tensor([accuracy_reward(c, g) for c, g in zip(out.texts, golds)])
         ref_rewards = torch.tensor([accuracy_reward(c, g) for c, g in zip(ref.texts, golds)]) if ref else None

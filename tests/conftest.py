@@ -22,7 +22,7 @@ def ray_cluster():
 @pytest.fixture(scope="session")
 def tiny_model_path(tmp_path_factory):
     """The embedded model's recipe with a 40-step warm start: a real tokenizer + Llama, built in seconds."""
-    from aapo_ray.models import default_model_path
+    from aapo_ray.embedded import default_model_path
 
     return default_model_path(tmp_path_factory.mktemp("models"), progress=False,
                               recipe={"sft": {"steps": 40}, "eval": {"n": 8}})

@@ -186,7 +186,7 @@ def test_utf8_bom_file(tmp_path):
 # ============================================================================= model directories
 @pytest.fixture(scope="module")
 def tok():
-    from aapo_ray.models import build_tokenizer
+    from aapo_ray.embedded import build_tokenizer
     from aapo_ray.synthetic import SyntheticTask
 
     return build_tokenizer(SyntheticTask(), vocab_size=300, corpus_size=200)

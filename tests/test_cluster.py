@@ -377,7 +377,8 @@ def _group_resources(cluster_spec: dict) -> dict[str, dict]:
 
 
 def _config_for_entrypoint(entrypoint: str):
-    from aapo_ray.cli import build_parser, resolve_train_config
+    from aapo_ray.cli import build_parser
+    from aapo_ray.train_cli import resolve_train_config
 
     argv = shlex.split(entrypoint)
     assert argv[0] == "aapo"

@@ -7,6 +7,7 @@ import pytest
 
 from aapo_ray.cli import main
 from aapo_ray.config import ConfigError, load_config, parse_override
+from aapo_ray.preflight import load_checked_config
 
 
 def test_defaults_validate_and_round_trip(tmp_path):
@@ -38,7 +39,7 @@ def test_defaults_validate_and_round_trip(tmp_path):
 ])
 def test_bad_configs_name_the_field(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("?", r"\?")):
-        load_config(None, overrides)
+        load_checked_config(None, overrides)
 
 
 def test_bad_yaml_files(tmp_path):

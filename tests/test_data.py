@@ -171,7 +171,7 @@ def test_synthetic_source():
 
 # ----------------------------------------------------------------------------- rendering
 def test_render_prompts_template_and_chat():
-    from aapo_ray.models import build_tokenizer
+    from aapo_ray.embedded import build_tokenizer
 
     assert render_prompts(["a", "b"], template="Q: {question}\nA:") == ["Q: a\nA:", "Q: b\nA:"]
     assert render_prompts(["x^{2}"], template="{question}") == ["x^{2}"]

@@ -64,7 +64,7 @@ def test_resume_reproduces_the_uninterrupted_run(full_run, tiny_model_path, tmp_
 
 
 def test_a_run_the_cluster_cannot_hold_fails_before_any_actor(ray_cluster):
-    from aapo_ray.driver import check_cluster_fits
+    from aapo_ray.preflight import check_cluster_fits
 
     cfg = load_config(None, ["learner.num_learners=24", "rollout.prompts_per_step=8", "algo.group_size=6"])
     with pytest.raises(ValueError, match=r"CPU: need 13\.25, cluster has 8"):

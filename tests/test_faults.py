@@ -16,8 +16,9 @@ import ray
 from aapo_ray.collect import collect_scored
 from aapo_ray.config import load_config
 from aapo_ray.driver import train
-from aapo_ray.generator import GeneratorPool, make_prompt_batch
-from aapo_ray.learner import bucket_parameters
+from aapo_ray.generator import GeneratorPool
+from aapo_ray.rollout import make_prompt_batch
+from aapo_ray.weights import bucket_parameters
 from aapo_ray.metrics import read_metrics
 from aapo_ray.models import load_model_and_tokenizer
 from aapo_ray.scorer import ScorerPool

@@ -10,7 +10,7 @@ import torch
 
 from aapo_ray.algo import aapo_loss, get_estimator, grpo_loss, token_logprobs
 from aapo_ray.config import AlgoConfig, Config, LearnerConfig, RolloutConfig, RunConfig
-from aapo_ray.rollout import make_rollout_batch, padded_tensors, with_columns
+from aapo_ray.rollout import learner_batch, make_rollout_batch, padded_tensors, with_columns
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -47,7 +47,7 @@ def make_batch(seed: int, rows: int = PROMPTS * GROUP):
         group_index=np.arange(rows) // GROUP, sample_index=np.arange(rows) % GROUP,
         prompt=[""] * rows, completion=[""] * rows, gold=[""] * rows, finish_reason=["stop"] * rows,
         weight_version=0)
-    return with_columns(batch, advantage=rng.normal(size=rows))
+    return learner_batch(batch, rng.normal(size=rows), temperature=0.7)
 
 
 def denominator(batch) -> float:
@@ -70,7 +70,7 @@ def load(model_dir):
 
 
 def exported_params(group, model_dir) -> dict[str, torch.Tensor]:
-    from aapo_ray.learner import load_weight_buckets
+    from aapo_ray.weights import load_weight_buckets
 
     model = load(model_dir)
     load_weight_buckets(model, group.export_weights(0.002))  # ~2 KB buckets: many of them
@@ -121,7 +121,7 @@ def group1(ray_cluster, model_dir):
 
     group = LearnerGroup(make_cfg(2, 1), model_dir)
     batch = make_batch(0)
-    group.metrics = group.train_step(ray_cluster.put(batch), denominator(batch))  # ObjectRef input
+    group.metrics = group.train_step(batch, denominator(batch))
     group.params = exported_params(group, model_dir)
     yield group
     group.shutdown()
@@ -207,7 +207,7 @@ def test_grpo_with_kl_two_steps_match_torch(ray_cluster, model_dir):
 
 
 def test_weight_export_gives_learner_logits(model_dir, group1):
-    from aapo_ray.learner import load_weight_buckets
+    from aapo_ray.weights import load_weight_buckets
 
     ids = torch.from_numpy(np.random.default_rng(5).integers(0, VOCAB, (3, 9)))
     fresh = load(model_dir)
@@ -224,7 +224,7 @@ def test_weight_export_gives_learner_logits(model_dir, group1):
 
 
 def test_load_weight_buckets_rejects_mismatch(model_dir):
-    from aapo_ray.learner import bucket_parameters, load_weight_buckets
+    from aapo_ray.weights import bucket_parameters, load_weight_buckets
 
     model = load(model_dir)
     named = list(model.named_parameters())

@@ -7,19 +7,16 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from aapo_ray import models
-from aapo_ray.models import (
-    build_tokenizer,
-    default_model_path,
-    evaluate_accuracy,
-    generate_completions,
-    load_model_and_tokenizer,
-    read_recipe,
-)
+from aapo_ray import embedded as models
+from aapo_ray.backends import HFBackend
+from aapo_ray.embedded import build_tokenizer, default_model_path, evaluate_accuracy, read_recipe
+from aapo_ray.models import load_model_and_tokenizer
+from aapo_ray.sampling import SamplingParams
 from aapo_ray.synthetic import PROMPT_TEMPLATE, SyntheticTask
 
 # A cheap recipe: real tokenizer + Llama, a few SFT steps, no accuracy to speak of.
@@ -125,17 +122,34 @@ def test_pad_token_fallback_and_missing_eos(quick_dir, tmp_path, caplog):
 
 
 # ----------------------------------------------------------------------------- generation
+def generate_texts(model, tok, prompts, temperature, max_new_tokens, seed=0):
+    ids = tok(prompts, add_special_tokens=False)["input_ids"]
+    params = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
+    return HFBackend(model, tok).generate(ids, params).texts
+
+
 def test_generation_batched_left_padding_matches_unbatched(quick_dir):
     model, tok = load_model_and_tokenizer(quick_dir)
     prompts = ["Compute 1+2.\n", "Compute 3+4-5+6+7.\n", "Compute 9.\n", "7"]
-    one = [generate_completions(model, tok, [p], temperature=0, max_new_tokens=6)[0]
-           for p in prompts]
-    assert generate_completions(model, tok, prompts, temperature=0, max_new_tokens=6) == one
-    state = torch.get_rng_state()
-    a = generate_completions(model, tok, prompts * 4, temperature=1.0, max_new_tokens=6, seed=5)
-    assert torch.equal(torch.get_rng_state(), state)  # global RNG untouched
-    assert generate_completions(model, tok, prompts * 4, temperature=1.0, max_new_tokens=6,
-                                seed=5) == a
+    one = [generate_texts(model, tok, [p], 0, 6)[0] for p in prompts]
+    assert generate_texts(model, tok, prompts, 0, 6) == one
+    a = generate_texts(model, tok, prompts * 4, 1.0, 6, seed=5)
+    assert generate_texts(model, tok, prompts * 4, 1.0, 6, seed=5) == a
+
+
+def test_a_checkpoints_generation_config_does_not_change_sampling(quick_dir, tmp_path):
+    """Rollouts are temperature + top-p samples, whatever penalties or filters a checkpoint's
+    generation_config asks for (the learner's log-probs model nothing else)."""
+    model, tok = load_model_and_tokenizer(quick_dir)
+    prompts = tok(["Compute 1+2.\n", "Compute 3+4-5+6+7.\n"] * 8, add_special_tokens=False)["input_ids"]
+    params = [SamplingParams(temperature=t, top_p=1.0, max_new_tokens=12, seed=3) for t in (1.0, 0.0)]
+    clean = [HFBackend(model, tok).generate(prompts, p) for p in params]
+    for key, value in dict(repetition_penalty=1.5, top_k=3, min_p=0.3, no_repeat_ngram_size=1, typical_p=0.5,
+                           min_new_tokens=10, epsilon_cutoff=0.2).items():
+        setattr(model.generation_config, key, value)
+    poisoned = [HFBackend(model, tok).generate(prompts, p) for p in params]
+    for a, b in zip(clean, poisoned):
+        assert a.texts == b.texts and all(np.array_equal(x, y) for x, y in zip(a.token_ids, b.token_ids))
 
 
 # ----------------------------------------------------------------------------- warm start

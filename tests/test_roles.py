@@ -7,9 +7,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from aapo_ray.config import AlgoConfig, Config, LearnerConfig, RewardConfig, RolloutConfig
-from aapo_ray.generator import GeneratorPool, make_prompt_batch
+from aapo_ray.generator import GeneratorPool
+from aapo_ray.rollout import make_prompt_batch
 from aapo_ray.reference import ReferencePool
-from aapo_ray.rollout import column_numpy, concat, make_rollout_batch, padded_tensors, with_columns
+from aapo_ray.rollout import column_numpy, concat, learner_batch, make_rollout_batch, padded_tensors
 from aapo_ray.scorer import ScorerPool
 
 
@@ -30,7 +31,7 @@ def prompts(tiny_model_path):
 def test_generator_pool_spreads_groups_and_is_seeded(ray_cluster, cfg, tiny_model_path, prompts):
     pool = GeneratorPool(cfg, tiny_model_path, replicas=2)
     try:
-        refs = pool.generate(prompts, 3, pool.sampling(seed=1))
+        refs = pool.async_generate(prompts, 3, pool.sampling(seed=1))
         assert len(refs) == 2  # two prompts per replica
         b = concat(ray.get(refs))
         assert b.num_rows == 12
@@ -43,9 +44,9 @@ def test_generator_pool_spreads_groups_and_is_seeded(ray_cluster, cfg, tiny_mode
         eos = AutoTokenizer.from_pretrained(tiny_model_path).eos_token_id
         for ids, why in zip(b.column("completion_ids").to_pylist(), reasons):
             assert (ids[-1] == eos) == (why == "stop") and eos not in ids[:-1]
-        again = concat(ray.get(pool.generate(prompts, 3, pool.sampling(seed=1))))
+        again = concat(ray.get(pool.async_generate(prompts, 3, pool.sampling(seed=1))))
         assert again.column("completion_ids").equals(b.column("completion_ids"))
-        other = concat(ray.get(pool.generate(prompts, 3, pool.sampling(seed=2))))
+        other = concat(ray.get(pool.async_generate(prompts, 3, pool.sampling(seed=2))))
         assert not other.column("completion_ids").equals(b.column("completion_ids"))
     finally:
         pool.shutdown()
@@ -58,7 +59,7 @@ def test_scorer_pool_scores_and_counts(ray_cluster, cfg):
                            gold=["10", "9", "3", "9"], finish_reason=["stop"] * 4, weight_version=0)
     pool = ScorerPool(cfg)
     try:
-        scored_ref, counters_ref = pool.score([ray.put(b)])[0]
+        scored_ref, counters_ref = pool.async_score([ray.put(b)])[0]
         scored, counters = ray.get(scored_ref), ray.get(counters_ref)
         assert column_numpy(scored, "reward")[:3].tolist() == [1.0, 0.0, 0.0]
         assert column_numpy(scored, "reward/accuracy")[:3].tolist() == [1.0, 0.0, 0.0]
@@ -78,9 +79,9 @@ def test_weight_sync_makes_generator_logits_equal_learner_and_reference_stays_fr
     policy, reference = GeneratorPool(cfg, tiny_model_path), ReferencePool(cfg, tiny_model_path)
     learners = LearnerGroup(cfg, tiny_model_path)
     try:
-        rollouts = concat(ray.get(policy.generate(prompts, 3, policy.sampling(seed=3))))
-        batch = with_columns(rollouts, advantage=np.linspace(-1, 1, rollouts.num_rows))
-        learners.train_step(ray.put(batch), float(len(batch.column("completion_ids").values)))
+        rollouts = concat(ray.get(policy.async_generate(prompts, 3, policy.sampling(seed=3))))
+        batch = learner_batch(rollouts, np.linspace(-1, 1, rollouts.num_rows))
+        learners.train_step(batch, float(len(batch.column("completion_ids").values)))
         policy.update_weights(learners.export_weights(1.0), version=1)
         learners.save_hf(str(tmp_path / "hf"))
 

@@ -137,7 +137,7 @@ def small_model(tmp_path_factory) -> Path:
     """A tiny, valid causal LM directory (random weights, the embedded tokenizer)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from aapo_ray.models import build_tokenizer
+    from aapo_ray.embedded import build_tokenizer
     from aapo_ray.synthetic import SyntheticTask
 
     tok = build_tokenizer(SyntheticTask(), vocab_size=300, corpus_size=200)
@@ -157,13 +157,13 @@ def test_trust_remote_code_and_allow_pickle_default_off():
     from aapo_ray.cli import build_parser
     from aapo_ray.config import load_config
     from aapo_ray.models import load_model_and_tokenizer
-    from aapo_ray.serve import ServeOptions
+    from aapo_ray.serve_replica import ServeOptions
 
     cfg = load_config()
     assert cfg.model.trust_remote_code is False and cfg.model.allow_pickle is False
     opts = ServeOptions()
     assert opts.trust_remote_code is False and opts.allow_pickle is False
-    for fn in (load_model_and_tokenizer, HFBackend.__init__):
+    for fn in (load_model_and_tokenizer, HFBackend.load):
         params = inspect.signature(fn).parameters
         assert params["trust_remote_code"].default is False and params["allow_pickle"].default is False, fn
     args = build_parser().parse_args(["serve", "some/run"])
@@ -175,7 +175,7 @@ def test_checkpoint_code_is_not_run_by_default(small_model, tmp_path):
     loader, the backend and the driver's tokenizer load refuse it, and the module never runs."""
     from aapo_ray.backends import HFBackend
     from aapo_ray.config import load_config
-    from aapo_ray.driver import load_prompts
+    from aapo_ray.preflight import load_prompts
     from aapo_ray.models import load_model_and_tokenizer
 
     d = tmp_path / "remote-code"
@@ -195,7 +195,7 @@ def test_checkpoint_code_is_not_run_by_default(small_model, tmp_path):
     with pytest.raises(ValueError, match="custom code|trust_remote_code"):
         load_model_and_tokenizer(d)
     with pytest.raises(ValueError):
-        HFBackend(str(d), device="cpu")
+        HFBackend.load(str(d), device="cpu")
     try:  # the driver's tokenizer load: refused, or the fast tokenizer without the module; never the module
         load_prompts(load_config(None, ["data.eval=null"]), str(d))
     except Exception:  # noqa: BLE001 - transformers' own error; what matters is the marker below
@@ -222,7 +222,7 @@ def test_pickle_weights_are_never_unpickled_by_default(small_model, tmp_path):
     marker = tmp_path / "PICKLE_RAN"
     (d / "pytorch_model.bin").write_bytes(pickle.dumps({"model.embed_tokens.weight": _Payload(marker)}))
     with pytest.raises(ValueError, match="pickle"):
-        HFBackend(str(d), device="cpu")  # the loader behind the generators, the reference and aapo serve
+        HFBackend.load(str(d), device="cpu")  # the loader behind the generators, the reference and aapo serve
     assert not marker.exists(), "the pickle ran"
 
 
@@ -249,7 +249,8 @@ def test_saved_config_never_holds_env_secrets(monkeypatch, tmp_path):
 def test_serve_api_key_reaches_the_app_only_hashed(tmp_path):
     from ray import cloudpickle
 
-    from aapo_ray.serve import _sha256, build_app
+    from aapo_ray.serve import build_app
+    from aapo_ray.serve_replica import sha256_hex as _sha256
 
     (tmp_path / "config.json").write_text("{}")  # resolve_model_dir only needs a HF-looking directory
     key = "sk-serve-only-hash-4e5f"

@@ -1,0 +1,89 @@
+"""Everything checked and prepared before any actor starts: the config's reward functions, the model
+directory, the prompts (rendered and tokenised once), and whether the Ray cluster can hold the run.
+A run that cannot work fails here, in seconds, with the field and the fix named."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import ray
+from transformers import AutoTokenizer
+
+from aapo_ray.algo import get_estimator
+from aapo_ray.config import EMBEDDED_MODEL, Config, ConfigError, load_config
+from aapo_ray.data import load_prompt_dataset, render_prompts
+from aapo_ray.embedded import default_model_path
+from aapo_ray.reward import resolve_reward_fn
+from aapo_ray.rollout import make_prompt_batch
+
+log = logging.getLogger(__name__)
+
+
+def check_config(cfg: Config) -> Config:
+    """What :func:`aapo_ray.config.validate` cannot see alone: every reward function resolves (import
+    paths are imported here). Raises :class:`ConfigError` naming the field."""
+    for name in cfg.reward.functions:
+        try:
+            resolve_reward_fn(name)
+        except Exception as exc:  # noqa: BLE001 - surface any import problem as a config error
+            raise ConfigError(f"invalid config:\n  reward.functions.{name}: {exc}") from None
+    return cfg
+
+
+def load_checked_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> Config:
+    """:func:`aapo_ray.config.load_config` followed by :func:`check_config`."""
+    return check_config(load_config(path, overrides))
+
+
+def resolve_model_path(cfg: Config) -> str:
+    """``model.path``, or the embedded tiny default (built and warm-started once, then cached)."""
+    if cfg.model.path == EMBEDDED_MODEL:
+        return str(default_model_path())
+    path = Path(cfg.model.path).expanduser()
+    if not path.is_dir() and (cfg.model.path.startswith((".", "/", "~")) or path.parent.is_dir()):
+        raise FileNotFoundError(f"model.path={cfg.model.path}: no such directory; point it at a local "
+                                f"HF model directory (config.json + *.safetensors + tokenizer files)")
+    return str(path) if path.is_dir() else cfg.model.path
+
+
+def load_prompts(cfg: Config, model_path: str) -> tuple[pa.RecordBatch, pa.RecordBatch | None]:
+    """Training and held-out prompts as Arrow prompt batches (rendered and tokenised once)."""
+    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
+    data = cfg.data
+
+    def table(source: str, limit: int | None) -> pa.RecordBatch:
+        ds = load_prompt_dataset(source, fmt=data.format, question_field=data.question_field,
+                                 answer_field=data.answer_field, id_field=data.id_field,
+                                 bad_rows=data.bad_rows, limit=limit)
+        template = None if data.chat_template else (data.template or ds.default_template or "{question}")
+        texts = render_prompts(ds.questions, template=template, tokenizer=tokenizer, system_prompt=data.system_prompt)
+        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        keep = [i for i, t in enumerate(ids) if len(t) <= cfg.rollout.max_prompt_tokens]
+        if len(keep) < len(ids):
+            log.warning("%s: skipped %d prompts longer than rollout.max_prompt_tokens=%d",
+                        source, len(ids) - len(keep), cfg.rollout.max_prompt_tokens)
+        if not keep:
+            raise ValueError(f"{source}: every prompt is longer than rollout.max_prompt_tokens={cfg.rollout.max_prompt_tokens}")
+        return make_prompt_batch([ds.ids[i] for i in keep], [ids[i] for i in keep],
+                                 [texts[i] for i in keep], [ds.golds[i] for i in keep])
+
+    train = table(data.train, None)
+    if train.num_rows < cfg.rollout.prompts_per_step:
+        raise ValueError(f"{data.train}: {train.num_rows} prompts < rollout.prompts_per_step={cfg.rollout.prompts_per_step}")
+    return train, table(data.eval, data.eval_limit) if data.eval else None
+
+
+def check_cluster_fits(cfg: Config) -> None:
+    """Fail before any actor starts if the connected Ray cluster cannot hold the configured roles."""
+    total = ray.cluster_resources()
+    r, roll, learn = cfg.reward, cfg.rollout, cfg.learner
+    replicas = roll.policy_replicas + (roll.reference_replicas if get_estimator(cfg.algo.estimator).needs_reference else 0)
+    need = {"CPU": replicas * roll.cpus_per_replica + r.num_scorers * r.cpus_per_scorer + learn.num_learners * learn.cpus_per_learner,
+            "GPU": replicas * roll.gpus_per_replica + learn.num_learners * learn.gpus_per_learner}
+    short = [f"{k}: need {v:g}, cluster has {total.get(k, 0):g}" for k, v in need.items() if v > total.get(k, 0) + 1e-9]
+    if short:
+        raise ValueError("the Ray cluster cannot hold this run's actors (" + "; ".join(short) + "): lower "
+                         "learner.num_learners / rollout.*_replicas / cpus_per_* or add nodes (ray.num_cpus for a local cluster)")

@@ -1,0 +1,58 @@
+"""What a generation request is: sampling settings, sampled completions, and the seeds that make a run
+reproducible. No torch here: scorers and the driver's bookkeeping import it cheaply."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    max_new_tokens: int = 32
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass
+class Completions:
+    """Sampled continuations, one row per (prompt, sample): token ids truncated after the first EOS."""
+
+    token_ids: list[np.ndarray]
+    texts: list[str]
+    finish_reasons: list[str]  # "stop" (EOS or a stop string), "length"; never an aborted row
+
+
+# ----------------------------------------------------------------------------- seeds
+# One place derives every seed of a run, so that the policy and the reference, each replica's chunk and
+# each row draw independent streams, and a re-sampled chunk repeats its draw exactly.
+_STEP_STRIDE = 1_000_003
+_ROLE_OFFSET = {"policy": 0, "reference": 500_009}
+_CHUNK_STRIDE = 7919
+_ROW_STRIDE = 104_729
+_ENGINE_STRIDE = 15_485_863
+
+
+def step_seed(run_seed: int, step: int | None, role: str = "policy") -> int:
+    """The sampling seed of ``role`` at training ``step`` (``None``: the held-out evaluation)."""
+    if step is None:
+        return run_seed
+    return run_seed * _STEP_STRIDE + step + _ROLE_OFFSET[role]
+
+
+def chunk_seed(seed: int | None, chunk: int) -> int | None:
+    """The seed of the ``chunk``-th replica call of one request (``None`` stays unseeded)."""
+    return None if seed is None else seed + _CHUNK_STRIDE * chunk
+
+
+def row_seeds(seed: int | None, rows: int) -> list[int] | None:
+    """One seed per completion row of a call, for engines that seed each request (SGLang)."""
+    return None if seed is None else [(seed + _ROW_STRIDE * i) % 2**63 for i in range(rows)]
+
+
+def engine_seed(run_seed: int, role: str, replica: int) -> int:
+    """A distinct engine-level random seed per role and replica."""
+    return (run_seed * _ENGINE_STRIDE + _ROLE_OFFSET[role] + replica) % 2**31

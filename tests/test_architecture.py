@@ -1,0 +1,98 @@
+"""The package's shape, checked from its source: no import cycles (function-level imports included), no
+module past 500 lines, and function-level imports only of heavy third-party libraries, each with a reason."""
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "aapo_ray"
+MAX_LINES = 500
+
+
+def modules() -> dict[str, ast.Module]:
+    return {p.stem: ast.parse(p.read_text(), str(p)) for p in sorted(PACKAGE.glob("*.py"))}
+
+
+def imported_modules(node: ast.AST) -> list[tuple[str, ast.stmt]]:
+    """``aapo_ray.X`` (and third-party) module names each import statement in ``node`` names."""
+    out = []
+    for stmt in ast.walk(node):
+        if isinstance(stmt, ast.Import):
+            out += [(a.name, stmt) for a in stmt.names]
+        elif isinstance(stmt, ast.ImportFrom) and stmt.module and not stmt.level:
+            if stmt.module == "aapo_ray":  # from aapo_ray import a, b
+                out += [(f"aapo_ray.{a.name}", stmt) for a in stmt.names]
+            else:
+                out.append((stmt.module, stmt))
+    return out
+
+
+def import_graph() -> dict[str, set[str]]:
+    graph = {}
+    for name, tree in modules().items():
+        graph[name] = {m.split(".")[1] for m, _ in imported_modules(tree)
+                       if m.startswith("aapo_ray.") and m.split(".")[1] != name}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}  # 1 = on the stack, 2 = done
+    stack: list[str] = []
+
+    def visit(node):
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_no_import_cycles():
+    cycle = find_cycle(import_graph())
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_the_cycle_finder_finds_cycles():  # the check above can fail
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_no_module_is_too_long():
+    long = {p.name: n for p in PACKAGE.glob("*.py") if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert not long, f"modules over {MAX_LINES} lines: {long}"
+
+
+def test_function_level_imports_are_third_party_and_say_why():
+    """Never an aapo_ray module (that would hide a cycle); a heavy or optional library, with a comment."""
+    problems = []
+    for path in sorted(PACKAGE.glob("*.py")):
+        source = path.read_text().splitlines()
+        tree = ast.parse("\n".join(source))
+        top = {id(s) for s in tree.body}
+        for name, stmt in imported_modules(tree):
+            if id(stmt) in top or _in_type_checking(tree, stmt):
+                continue
+            line = source[stmt.lineno - 1]
+            reason = "#" in line or source[stmt.lineno - 2].strip().startswith("#")
+            if name.startswith("aapo_ray") or name == "aapo_ray":
+                problems.append(f"{path.name}:{stmt.lineno}: function-level import of {name}")
+            elif not reason:
+                problems.append(f"{path.name}:{stmt.lineno}: function-level import of {name} without a reason comment")
+    assert not problems, "\n".join(problems)
+
+
+def _in_type_checking(tree: ast.Module, stmt: ast.stmt) -> bool:
+    for node in tree.body:
+        if isinstance(node, ast.If) and getattr(node.test, "id", "") == "TYPE_CHECKING":
+            if any(s is stmt for s in ast.walk(node)):
+                return True
+    return False
