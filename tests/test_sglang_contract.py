@@ -307,3 +307,11 @@ def test_memory_occupation_and_flush(engine, sgl, tiny_model_path):
     saver.resume_memory_occupation(tags=["weights"])
     assert torch.equal(w, before)
     saver.shutdown()
+
+
+def test_fake_importable_by_pythonpath_alone(sgl):
+    """Ray workers import the fake through PYTHONPATH + AAPO_FAKE_SGLANG_INTERFACE only."""
+    env = {**os.environ, "PYTHONPATH": str(FAKE)}
+    code = "import sglang; print(sglang.__file__, sorted(sglang.interface()['engine'])[0])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.startswith(str(FAKE)), out.stderr
