@@ -12,7 +12,9 @@ LM on CPU. Upstream references below are to sglang 0.5.23 (``python/sglang/srt/.
   one, else the policy's loop, else a new one. Every sync method is
   ``self.loop.run_until_complete(...)`` (e.g. generate engine.py:542), so calling it from a thread
   while that loop runs raises "This event loop is already running"; ``async_generate``
-  (engine.py:545-648) awaits on the caller's loop.
+  (engine.py:545-648) awaits on the caller's loop. Not mirrored: importing the real engine module
+  sets uvloop's policy process-wide (engine.py:168), whose message is "this event loop is already
+  running." (lower case).
 * managers/io_struct.py:533-546,738-744 ``sampling_params``: None, one dict (shared) or a list
   (one dict per request, equal ``n``); tokenizer_manager.py:1565 ``SamplingParams(**d)``, a
   kw-only msgspec Struct: unknown key -> TypeError.
