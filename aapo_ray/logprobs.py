@@ -83,6 +83,15 @@ def zero_dropout(model: torch.nn.Module) -> list[str]:
     return changed
 
 
+def checkpointing_enabled(model) -> bool:
+    """Whether HF activation (gradient) checkpointing is on, under either transformers name."""
+    model = _unwrap(model)
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(model), name):
+            return bool(getattr(model, name))
+    return False
+
+
 def prepare_for_training(model: torch.nn.Module, gradient_checkpointing: bool) -> dict:
     """Train mode without randomness: ``use_cache=False``, all dropout 0, checkpointing if asked.
 
@@ -98,8 +107,12 @@ def prepare_for_training(model: torch.nn.Module, gradient_checkpointing: bool) -
         if not getattr(model, "supports_gradient_checkpointing", False):
             raise ValueError(f"{type(model).__name__} does not support gradient checkpointing; "
                              "set learner.gradient_checkpointing=false")
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif getattr(model, "is_gradient_checkpointing", False):
-        model.gradient_checkpointing_disable()
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    elif checkpointing_enabled(model):
+        (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
     model.train()
     return {"dropout_zeroed": changed, "gradient_checkpointing": bool(gradient_checkpointing)}
