@@ -215,9 +215,10 @@ class MemoryPlan:
         return "\n".join(lines)
 
 
-def _learner_parts(arch: ModelArch, *, micro_batch: int, seq_len: int, zero_stage: int, world: int, bf16: bool,
+def learner_parts(arch: ModelArch, *, micro_batch: int, seq_len: int, zero_stage: int, world: int, bf16: bool,
                    offload: bool, checkpointing: bool, chunk_tokens: int | None, kl_ref: bool,
                    attn_impl: str = "sdpa") -> dict[str, float]:
+    """One learner rank's memory in GB by part (module docstring), for explicit settings."""
     psi, p = arch.num_params, (2 if bf16 else 4)
     states = model_state_bytes(psi, zero_stage, world, bf16, offload)
     n = micro_batch * seq_len
@@ -278,7 +279,7 @@ def plan_memory(cfg, gpu_memory_gb: float, arch: ModelArch | dict) -> MemoryPlan
     common = dict(micro_batch=min(lc.micro_batch_size, cfg.completions_per_step // lc.num_learners),
                   seq_len=roll.max_prompt_tokens + roll.max_new_tokens, zero_stage=lc.zero_stage,
                   world=lc.num_learners, bf16=lc.bf16, offload=lc.offload_optimizer, kl_ref=cfg.algo.kl_beta > 0)
-    parts = _learner_parts(arch, checkpointing=ckpt, chunk_tokens=chunk, **common)
+    parts = learner_parts(arch, checkpointing=ckpt, chunk_tokens=chunk, **common)
     roles = [RolePlan("learner", parts, budget_gb=gpu_memory_gb,
                       notes=[f"micro-batch {common['micro_batch']} x {common['seq_len']} tokens, ZeRO-{lc.zero_stage} "
                              f"over {lc.num_learners} ranks, offload={lc.offload_optimizer}, bf16={lc.bf16}"])]
@@ -287,7 +288,7 @@ def plan_memory(cfg, gpu_memory_gb: float, arch: ModelArch | dict) -> MemoryPlan
                       ("checkpointing on", dict(checkpointing=True, chunk_tokens=chunk)),
                       ("log-probs unchunked", dict(checkpointing=ckpt, chunk_tokens=None))):
         if (kw["checkpointing"], kw["chunk_tokens"]) != (ckpt, chunk):
-            variants[label] = sum(_learner_parts(arch, **kw, **common).values())
+            variants[label] = sum(learner_parts(arch, **kw, **common).values())
     if roll.gpus_per_replica > 0:
         roles.append(_generator_role("policy generator", arch, cfg, gpu_memory_gb))
         if cfg.algo.estimator == "aapo":  # AAPO samples the frozen reference too
