@@ -236,6 +236,12 @@ def validate(raw: dict) -> Config:
             resolve_reward_fn(name)
         except Exception as exc:  # noqa: BLE001 - surface any import problem as a config error
             raise ConfigError(f"invalid config:\n  reward.functions.{name}: {exc}") from None
+    from aapo_ray.memory_plan import check_memory
+
+    try:  # GPU roles only; skipped when the model's architecture is unknown (aapo_ray/memory_plan.py)
+        check_memory(cfg)
+    except ValueError as exc:
+        raise ConfigError(f"invalid config: {exc}") from None
     return cfg
 
 

@@ -207,7 +207,7 @@ class MemoryPlan:
         for r in self.roles:
             verdict = "fits" if r.fits else "DOES NOT FIT"
             lines.append(f"  {r.role}: {r.total_gb:.1f} / {r.budget_gb:.1f} GB  {verdict}")
-            lines += [f"    {k:<28}{v:8.2f} GB" for k, v in r.parts.items()]
+            lines += [f"    {k:<42}{v:8.2f} GB" for k, v in r.parts.items()]
             lines += [f"    note: {n}" for n in r.notes]
             if r.extra_check:
                 lines.append(f"    {r.extra_check}")
