@@ -13,9 +13,9 @@ planner models for the *micro-batch* -- activations + log-prob transients, measu
 ``peak - allocated before the step`` -- and of params + grads; the planner's per-GPU total for
 the real cluster config (ZeRO-2 over N ranks) is printed for reference only.
 
-Needs only torch (+ transformers for the models). Without CUDA (or transformers) it prints why
-and exits 0. ``--cpu-smoke`` runs the same code on a tiny architecture on CPU (for tests).
-Usage: ``python benchmarks/gpu_check.py [--models 1.5b 7b] [--adamw] [--cpu-smoke]``.
+Needs only torch; uses transformers' Qwen2 if installed, else the torch-only stand-in in
+``benchmarks/_mini_qwen2.py`` (same parameters and math). Without CUDA it prints why and exits 0. ``--cpu-smoke`` runs the same code on a tiny architecture on CPU (for tests).
+Usage: ``python benchmarks/gpu_check.py [--models 1.5b 7b] [--adamw] [--mini] [--cpu-smoke]``.
 """
 
 from __future__ import annotations
@@ -25,10 +25,12 @@ import gc
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+for _p in (str(REPO), str(Path(__file__).resolve().parent)):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
 
 from aapo_ray.memory_plan import GiB, KNOWN_ARCHS, ModelArch, learner_parts  # noqa: E402 (stdlib only)
 
@@ -48,17 +50,23 @@ def _gb(x: float | None) -> str:
     return "   n/a" if x is None else f"{x / GiB:6.1f}"
 
 
-def build_model(arch_cfg: dict, device, torch):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
+def build_model(arch_cfg: dict, device, torch, mini: bool):
+    """Random-weight Qwen2 (HF's, or the torch-only stand-in), bf16 on CUDA, fp32 on CPU."""
     fields = {k: v for k, v in arch_cfg.items() if k != "model_type"}
-    config = Qwen2Config(**fields, attention_dropout=0.0, use_cache=False)
-    config._attn_implementation = "sdpa"
+    if mini:
+        from _mini_qwen2 import Qwen2ForCausalLM as Model
+
+        config = SimpleNamespace(**fields)
+    else:
+        from transformers import Qwen2Config, Qwen2ForCausalLM as Model
+
+        config = Qwen2Config(**fields, attention_dropout=0.0, use_cache=False)
+        config._attn_implementation = "sdpa"
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16 if device.type == "cuda" else torch.float32)
     try:
         with torch.device(device):
-            model = Qwen2ForCausalLM(config)
+            model = Model(config)
     finally:
         torch.set_default_dtype(old)
     return model
@@ -140,14 +148,14 @@ def adamw_step(model, torch, cuda: bool) -> dict:
             torch.cuda.empty_cache()
 
 
-def check_model(key: str, case: dict, arch_cfg: dict, device, torch, adamw: bool) -> list[str]:
+def check_model(key: str, case: dict, arch_cfg: dict, device, torch, adamw: bool, mini: bool) -> list[str]:
     cuda = device.type == "cuda"
     arch = ModelArch.from_hf_config(arch_cfg)
     seq = case["prompt"] + case["completion"]
     lines = [f"== {case['name']}: {arch.num_params / 1e9:.2f}B params, micro-batch {case['micro_batch']} x {seq} "
              f"tokens, T={case['temperature']}, {'bf16 on ' + torch.cuda.get_device_name() if cuda else 'fp32 CPU'}"]
     t0 = time.perf_counter()
-    model = build_model(arch_cfg, device, torch)
+    model = build_model(arch_cfg, device, torch, mini)
     batch = make_batch(case, arch.vocab_size, device, torch)
     weights = torch.cuda.memory_allocated() if cuda else None
     lines.append(f"   built in {time.perf_counter() - t0:.1f} s; weights {_gb(weights).strip()} GB allocated "
@@ -186,6 +194,7 @@ def main(argv=None) -> int:
     ap.add_argument("--models", nargs="+", choices=sorted(CASES), default=["1.5b", "7b"])
     ap.add_argument("--adamw", action="store_true", help="also one AdamW step (bf16 states) after the variants")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny architecture on CPU: exercises the code only")
+    ap.add_argument("--mini", action="store_true", help="the torch-only Qwen2 stand-in even if transformers is here")
     args = ap.parse_args(argv)
     try:
         import torch
@@ -196,22 +205,27 @@ def main(argv=None) -> int:
         print(f"gpu_check: SKIPPED: no CUDA device (torch {torch.__version__}, "
               f"cuda build {torch.version.cuda}); nothing to measure on this machine")
         return 0
-    try:
-        import transformers
-    except ImportError:
-        print("gpu_check: SKIPPED: transformers is not installed; it builds the Qwen2 models "
-              "(pure Python: carry its wheel or site-packages/transformers with the repo)")
-        return 0
+    mini, version = args.mini, "not used"
+    if not mini:
+        try:
+            import transformers
+
+            version = transformers.__version__
+        except ImportError:
+            mini = True
+            print("gpu_check: transformers is not installed: using the torch-only Qwen2 stand-in "
+                  "(benchmarks/_mini_qwen2.py; same shapes and math, HF's own activation layout may differ a little)")
     torch.manual_seed(0)
     device = torch.device("cpu" if args.cpu_smoke else "cuda")
-    print(f"gpu_check: torch {torch.__version__}, transformers {transformers.__version__}, device {device}")
+    print(f"gpu_check: torch {torch.__version__}, transformers {version}, model {'stand-in' if mini else 'HF'}, "
+          f"device {device}")
     start = time.perf_counter()
     for key in args.models:
         case, arch_cfg = dict(CASES[key]), KNOWN_ARCHS[CASES[key]["name"]]
         if args.cpu_smoke:
             arch_cfg = TINY
             case.update(micro_batch=2, prompt=8, completion=24, name=f"tiny stand-in for {case['name']}")
-        for line in check_model(key, case, arch_cfg, device, torch, args.adamw):
+        for line in check_model(key, case, arch_cfg, device, torch, args.adamw, mini):
             print(line, flush=True)
     print(f"gpu_check: done in {time.perf_counter() - start:.0f} s. 'net' = peak minus what was allocated "
           f"before the step (weights + gradients): the planner's activations + log-prob part; "

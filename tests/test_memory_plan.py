@@ -133,6 +133,15 @@ def test_memory_plan_imports_without_torch_ray_or_pydantic():
     assert out.returncode == 0 and out.stdout.strip() == "7615616512", out.stderr
 
 
+def test_gpu_check_modules_import_without_ray_deepspeed_pydantic_or_transformers():
+    blocked = "('ray', 'deepspeed', 'pydantic', 'yaml', 'pyarrow', 'transformers')"
+    code = (f"import sys; sys.modules.update({{m: None for m in {blocked}}}); sys.path.insert(0, 'benchmarks');"
+            "import aapo_ray.algo, aapo_ray.logprobs, aapo_ray.memory_plan, gpu_check, _mini_qwen2")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr
+
+
 def test_gpu_check_without_cuda_exits_0_with_the_reason():
     torch = pytest.importorskip("torch")
     if torch.cuda.is_available():
@@ -151,3 +160,33 @@ def test_gpu_check_cpu_smoke_runs_every_variant():
     assert len(rows) == 4 and not any("OOM" in r for r in rows)
     losses = {r.split("|")[0].split()[-1] for r in rows}
     assert len(losses) == 1, rows  # same loss with/without checkpointing and chunking
+
+
+def test_gpu_check_stand_in_runs_every_variant():
+    out = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--cpu-smoke", "--mini"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "model stand-in" in out.stdout, out.stderr
+    rows = [line for line in out.stdout.splitlines() if "ckpt=" in line]
+    assert len(rows) == 8 and len({r.split("|")[0].split()[-1] for r in rows[:4]}) == 1, rows
+
+
+def test_stand_in_qwen2_equals_transformers():
+    """The torch-only stand-in with HF's weights gives HF's logits (at non-padded positions)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from _mini_qwen2 import Qwen2ForCausalLM as Mini
+
+    arch = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                intermediate_size=96, vocab_size=211, tie_word_embeddings=False, rope_theta=10000.0)
+    torch.manual_seed(0)
+    hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**arch, attn_implementation="sdpa")).eval()
+    mini = Mini(SimpleNamespace(**arch)).eval()
+    mini.load_state_dict(hf.state_dict(), strict=True)
+    ids = torch.randint(0, 211, (2, 13))
+    attn = torch.ones_like(ids)
+    attn[0, :3] = 0
+    with torch.no_grad():
+        a, b = hf(input_ids=ids, attention_mask=attn).logits, mini(ids, attn).logits
+    keep = attn.bool()
+    torch.testing.assert_close(b[keep], a[keep], atol=1e-5, rtol=1e-5)
