@@ -190,3 +190,11 @@ def test_stand_in_qwen2_equals_transformers():
         a, b = hf(input_ids=ids, attention_mask=attn).logits, mini(ids, attn).logits
     keep = attn.bool()
     torch.testing.assert_close(b[keep], a[keep], atol=1e-5, rtol=1e-5)
+
+
+def test_kl_reference_is_counted_only_with_kl_beta():
+    cfg = load_config(CONFIGS / "qwen2.5-math-7b-grpo.yaml")
+    assert "KL reference model" not in plan_memory(cfg, 80.0, Q7).role("learner").parts
+    kl = load_config(CONFIGS / "qwen2.5-math-7b-grpo.yaml", ["algo.kl_beta=0.04", "learner.micro_batch_size=2"])
+    part = plan_memory(kl, 80.0, Q7).role("learner").parts["KL reference model"]
+    assert 2 * Q7.num_params / GiB < part < 2 * Q7.num_params / GiB + 5  # bf16 weights + no-grad transients
