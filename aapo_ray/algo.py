@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor
 
 STD_EPS = 1e-4
@@ -106,6 +107,42 @@ def token_logprobs(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> 
     logits = logits.float() / temperature
     picked = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     return picked - torch.logsumexp(logits, dim=-1)
+
+
+def _chunk_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor | None, tokens: Tensor,
+                    temperature: float) -> Tensor:
+    logits = torch.nn.functional.linear(hidden, weight, bias)  # in the head's dtype, as lm_head would
+    return token_logprobs(logits, tokens, temperature)
+
+
+def chunked_token_logprobs(hidden: Tensor, lm_head_weight: Tensor, tokens: Tensor, temperature: float = 1.0,
+                           chunk_tokens: int = 1024, lm_head_bias: Tensor | None = None) -> Tensor:
+    """``token_logprobs(lm_head(hidden), tokens, temperature)`` without full-vocabulary tensors.
+
+    ``hidden`` ``[B, T, H]`` (final, normed hidden states) is flattened and cut into pieces of
+    ``chunk_tokens`` tokens; each piece's logits exist only inside its own forward and, via
+    ``torch.utils.checkpoint``, are recomputed in backward instead of being kept. Peak extra memory
+    is about one chunk's ``chunk_tokens x vocab`` float32 logits, not the micro-batch's.
+    Returns float32 ``[B, T]``.
+    """
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    if hidden.shape[:-1] != tokens.shape:
+        raise ValueError(f"hidden {tuple(hidden.shape)} and tokens {tuple(tokens.shape)} disagree on [B, T]")
+    flat_h, flat_t = hidden.reshape(-1, hidden.shape[-1]), tokens.reshape(-1)
+    grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, lm_head_weight, lm_head_bias))
+    pieces = []
+    for start in range(0, flat_t.numel(), chunk_tokens):
+        h, t = flat_h[start:start + chunk_tokens], flat_t[start:start + chunk_tokens]
+        if grad:
+            pieces.append(torch.utils.checkpoint.checkpoint(
+                _chunk_logprobs, h, lm_head_weight, lm_head_bias, t, temperature, use_reentrant=False))
+        else:
+            pieces.append(_chunk_logprobs(h, lm_head_weight, lm_head_bias, t, temperature))
+    if not pieces:
+        return torch.zeros(tokens.shape, dtype=torch.float32, device=hidden.device)
+    return torch.cat(pieces).view(tokens.shape)
 
 
 def _denominator(mask: Tensor, num_tokens: float | Tensor | None) -> Tensor | float:

@@ -16,6 +16,7 @@ from aapo_ray.algo import get_estimator
 from aapo_ray.config import EMBEDDED_MODEL, Config, ConfigError, load_config
 from aapo_ray.data import load_prompt_dataset, render_prompts
 from aapo_ray.embedded import default_model_path
+from aapo_ray.memory_plan import check_memory
 from aapo_ray.reward import resolve_reward_fn
 from aapo_ray.rollout import make_prompt_batch
 
@@ -24,12 +25,17 @@ log = logging.getLogger(__name__)
 
 def check_config(cfg: Config) -> Config:
     """What :func:`aapo_ray.config.validate` cannot see alone: every reward function resolves (import
-    paths are imported here). Raises :class:`ConfigError` naming the field."""
+    paths are imported here) and the GPU roles fit their memory (:mod:`aapo_ray.memory_plan`).
+    Raises :class:`ConfigError` naming the field."""
     for name in cfg.reward.functions:
         try:
             resolve_reward_fn(name)
         except Exception as exc:  # noqa: BLE001 - surface any import problem as a config error
             raise ConfigError(f"invalid config:\n  reward.functions.{name}: {exc}") from None
+    try:  # GPU roles only; skipped when the model's architecture is unknown (aapo_ray/memory_plan.py)
+        check_memory(cfg)
+    except ValueError as exc:
+        raise ConfigError(f"invalid config: {exc}") from None
     return cfg
 
 
