@@ -79,6 +79,10 @@ class RolloutConfig(Section):
     cpus_per_replica: float = Field(0.5, ge=0)
     generation_batch_size: int = Field(64, ge=1)  # completions per generate call (hf backend)
     sglang_mem_fraction: float = Field(0.6, gt=0, le=1)
+    # sglang honours per-row sampling seeds only in its deterministic-inference mode (slower kernels);
+    # off, each engine draws from its own random_seed (distinct per role and replica), not reproducible
+    sglang_deterministic: bool = False
+    weight_sync: Literal["object_store", "nccl"] = "object_store"  # nccl: generators on their own GPUs (sglang)
 
 
 class LearnerConfig(Section):
@@ -100,6 +104,8 @@ class LearnerConfig(Section):
     torch_threads: int | None = Field(None, ge=1)
     offload_optimizer: bool = False
     bf16: bool = False
+    gradient_checkpointing: bool = False  # recompute activations in backward (real models on GPUs)
+    logprob_chunk_tokens: int = Field(1024, ge=1)  # tokens per LM-head chunk: no full-vocabulary float32 logits
     sync_bucket_mb: float = Field(64.0, gt=0)
     collective_timeout_s: float = Field(600.0, gt=0)
 
@@ -114,6 +120,7 @@ class RunConfig(Section):
     eval_every: int = Field(20, ge=0)  # 0 = only at start and end
     eval_temperature: float = Field(1.0, ge=0)  # 0 = greedy
     eval_samples: int = Field(4, ge=1)  # samples per held-out prompt
+    eval_top_p: float | None = Field(None, gt=0, le=1)  # None: rollout.top_p (the paper evaluates at 0.95)
     save_every: int = Field(50, ge=0)  # 0 = only at the end
     keep_checkpoints: int = Field(2, ge=1)
     torch_threads: int = Field(1, ge=1)  # per generator actor; they run concurrently (learners: learner.torch_threads)
@@ -127,6 +134,7 @@ class RayConfig(Section):
     num_cpus: int | None = None  # for a local cluster
     namespace: str = "aapo"
     role_resources: dict[str, dict[str, float]] = {}  # e.g. {"scorer": {"cpu_pool": 0.1}}
+    gpu_memory_gb: float = Field(80.0, gt=0)  # per GPU, for the memory plan of GPU roles (aapo_ray/memory_plan.py)
 
 
 class Config(Section):
@@ -166,6 +174,9 @@ class Config(Section):
                              "parameters from ZeRO-1/2); use 1 or 2")
         if learn.bf16 and learn.gpus_per_learner == 0:
             raise ValueError("learner.bf16=true needs GPUs (learner.gpus_per_learner > 0); CPU training is fp32")
+        if roll.weight_sync == "nccl" and roll.backend != "sglang":
+            raise ValueError("rollout.weight_sync=nccl needs rollout.backend=sglang (hf generators load buckets "
+                             "from the object store)")
         if learn.offload_optimizer and learn.zero_stage == 0:
             raise ValueError("learner.offload_optimizer needs learner.zero_stage 1 or 2")
         return self

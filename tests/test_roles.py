@@ -8,9 +8,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from aapo_ray.config import AlgoConfig, Config, LearnerConfig, RewardConfig, RolloutConfig
 from aapo_ray.generator import GeneratorPool
-from aapo_ray.rollout import make_prompt_batch
 from aapo_ray.reference import ReferencePool
-from aapo_ray.rollout import column_numpy, concat, learner_batch, make_rollout_batch, padded_tensors
+from aapo_ray.rollout import column_numpy, concat, learner_batch, make_prompt_batch, make_rollout_batch, padded_tensors
 from aapo_ray.scorer import ScorerPool
 
 
