@@ -15,7 +15,7 @@ import torch
 from transformers import GenerationConfig
 
 from aapo_ray.models import eos_token_ids, load_model_and_tokenizer
-from aapo_ray.sampling import Completions, SamplingParams
+from aapo_ray.sampling import Completions, SamplingParams, apply_stop
 from aapo_ray.sglang_backend import SGLangBackend
 from aapo_ray.weights import load_weight_buckets
 
@@ -59,7 +59,7 @@ class HFBackend:
             reasons += why
         texts = self.tokenizer.batch_decode(rows, skip_special_tokens=True)
         if params.stop:
-            rows, texts, reasons = _apply_stop(rows, texts, reasons, params.stop, self.tokenizer)
+            rows, texts, reasons = apply_stop(rows, texts, reasons, params.stop, self.tokenizer)
         return Completions(rows, texts, reasons)
 
     def generation_config(self, params: SamplingParams) -> GenerationConfig:
@@ -89,14 +89,15 @@ class HFBackend:
 
 def make_backend(kind: str, model_path: str, *, trust_remote_code: bool = False, dtype: str = "float32",
                  device: str | None = None, allow_pickle: bool = False, batch_size: int = 64,
-                 mem_fraction: float = 0.6, seed: int = 0):
-    """``"hf"`` (batch_size, device) or ``"sglang"`` (mem_fraction, seed: the engine's random seed)."""
+                 mem_fraction: float = 0.6, seed: int = 0, deterministic: bool = False):
+    """``"hf"`` (batch_size, device) or ``"sglang"`` (mem_fraction; seed: the engine's random seed;
+    deterministic: per-row sampling seeds, sglang's deterministic-inference mode)."""
     if kind == "hf":
         return HFBackend.load(model_path, trust_remote_code=trust_remote_code, dtype=dtype, device=device,
                               batch_size=batch_size, allow_pickle=allow_pickle)
     if kind == "sglang":
         return SGLangBackend(model_path, trust_remote_code=trust_remote_code, dtype=dtype,
-                             mem_fraction=mem_fraction, seed=seed)
+                             mem_fraction=mem_fraction, seed=seed, deterministic=deterministic)
     raise ValueError(f"unknown generation backend {kind!r}; use 'hf' or 'sglang'")
 
 
@@ -118,14 +119,3 @@ def _truncate_at_eos(generated: np.ndarray, eos_ids: list[int]) -> tuple[list[np
     lengths = np.where(has_eos, is_eos.argmax(axis=1) + 1, generated.shape[1])
     rows = [generated[i, :n].astype(np.int32) for i, n in enumerate(lengths)]
     return rows, ["stop" if h else "length" for h in has_eos]
-
-
-def _apply_stop(rows, texts, reasons, stops, tokenizer):
-    """Cut texts at the first stop string (re-tokenising the kept text for the ids)."""
-    for i, text in enumerate(texts):
-        cut = min((text.find(s) for s in stops if s in text), default=-1)
-        if cut >= 0:
-            texts[i] = text[:cut]
-            rows[i] = np.asarray(tokenizer(texts[i], add_special_tokens=False)["input_ids"], dtype=np.int32)
-            reasons[i] = "stop"
-    return rows, texts, reasons

@@ -31,6 +31,7 @@ from aapo_ray.reference import ReferencePool
 from aapo_ray.rollout import column_numpy, concat, learner_batch
 from aapo_ray.sampling import step_seed
 from aapo_ray.scorer import ScorerPool
+from aapo_ray.weight_sync import sync_policy
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ def train(cfg: Config, *, run_dir: str | Path | None = None, resume: bool = Fals
                 try:
                     learner_metrics = learners.train_step(batch, denominator)
                     t_train = time.perf_counter()
-                    policy.update_weights(learners.export_weights(cfg.learner.sync_bucket_mb), version=step)
+                    sync_policy(policy, learners, version=step)
                     t_sync = time.perf_counter()
                     metrics = {
                         **advantage_diagnostics(rewards, ref_rewards, advantages, cfg.algo.group_size,

@@ -21,7 +21,8 @@ def evaluate(cfg: Config, policy: GeneratorPool, scorers: ScorerPool, prompts: p
     if prompts is None:
         return {}
     t0 = time.perf_counter()
-    params = policy.sampling(step_seed(cfg.run.seed, None), temperature=cfg.run.eval_temperature)
+    params = policy.sampling(step_seed(cfg.run.seed, None), temperature=cfg.run.eval_temperature,
+                             top_p=cfg.run.eval_top_p)
     batches, _, _ = collect_scored([(policy, policy.chunks(prompts, cfg.run.eval_samples, params))], scorers)
     scored = concat(batches[0])
     acc = np.nan_to_num(column_numpy(scored, REWARD_PREFIX + "accuracy"))

@@ -32,7 +32,7 @@ class GeneratorActor:
             cfg.rollout.backend, model_path, trust_remote_code=cfg.model.trust_remote_code,
             dtype=cfg.model.dtype, allow_pickle=cfg.model.allow_pickle,
             batch_size=cfg.rollout.generation_batch_size, mem_fraction=cfg.rollout.sglang_mem_fraction,
-            seed=engine_seed(cfg.run.seed, role, replica))
+            seed=engine_seed(cfg.run.seed, role, replica), deterministic=cfg.rollout.sglang_deterministic)
         self.weight_version = 0
 
     def ready(self) -> dict:
@@ -64,6 +64,19 @@ class GeneratorActor:
         self.weight_version = version
         return loaded
 
+    def join_weight_group(self, master_address: str, master_port: int, rank: int, world_size: int, group_name: str,
+                          backend: str) -> None:
+        """Join learner rank 0's weight-update group as ``rank`` (sglang backend)."""
+        self.backend.init_weight_group(master_address, master_port, rank, world_size, group_name, backend)
+
+    def receive_weights(self, metadata: list, group_name: str, version: int) -> int:
+        """Receive rank 0's broadcast of ``metadata``'s buckets; the version advances only if all loaded."""
+        if self.role == "reference":
+            raise RuntimeError("the reference pool is frozen: it never takes weights (AAPO spec section 1)")
+        loaded = self.backend.load_weights_broadcast(metadata, group_name)
+        self.weight_version = version
+        return loaded
+
     def logits(self, input_ids):
         return self.backend.logits(input_ids)
 
@@ -90,7 +103,8 @@ class GeneratorPool:
 
     def __init__(self, cfg: Config, model_path: str, replicas: int | None = None):
         self.cfg, self.model_path = cfg, model_path
-        self._latest: tuple[list, int] = ([], 0)  # (weight bucket refs, version) last pushed
+        self._latest: tuple[list | None, int] = ([], 0)  # (weight bucket refs, version) last pushed; None: broadcast
+        self.broadcast_group = False  # the replicas joined learner rank 0's weight-update group (aapo_ray.weight_sync)
         self.restarted_replicas = 0  # replicas found behind the latest weights (Ray restarted them)
         self._turn = itertools.count()
         self.actors = [self._new_actor(i) for i in range(replicas or cfg.rollout.policy_replicas)]
@@ -103,10 +117,11 @@ class GeneratorPool:
             num_cpus=roll.cpus_per_replica, num_gpus=roll.gpus_per_replica, resources=resources or None,
             max_restarts=3, max_task_retries=0).remote(self.cfg, self.model_path, self.role, replica)
 
-    def sampling(self, seed: int, *, temperature: float | None = None) -> SamplingParams:
+    def sampling(self, seed: int, *, temperature: float | None = None, top_p: float | None = None) -> SamplingParams:
         roll = self.cfg.rollout
         return SamplingParams(temperature=roll.temperature if temperature is None else temperature,
-                              top_p=roll.top_p, max_new_tokens=roll.max_new_tokens, seed=seed)
+                              top_p=roll.top_p if top_p is None else top_p, max_new_tokens=roll.max_new_tokens,
+                              seed=seed)
 
     def chunks(self, prompts: pa.RecordBatch, n: int, params: SamplingParams) -> list[Chunk]:
         """One chunk of contiguous groups per replica, each with its own derived seed."""
@@ -133,6 +148,10 @@ class GeneratorPool:
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
             self.heal()  # a replica died: once restarted it takes these weights
 
+    def mark_synced(self, version: int) -> None:
+        """Every replica received ``version`` by broadcast (no buckets in the object store to re-push)."""
+        self._latest = (None, version)
+
     def heal(self, timeout_s: float = 300.0) -> int:
         """Make every replica usable with the latest weights; returns how many needed it."""
         healed = 0
@@ -144,6 +163,10 @@ class GeneratorPool:
                 self.actors[i] = actor = self._new_actor(i)
                 current = ray.get(actor.ready.remote(), timeout=timeout_s)["version"]
             if current != version:  # restarted with the initial weights (never true for the reference)
+                if buckets is None:
+                    raise RuntimeError(f"{self.role} replica {i} restarted while weights travel by broadcast "
+                                       "(rollout.weight_sync=nccl): its weight-update group cannot be re-formed; "
+                                       "resume the run (aapo train --resume RUN_DIR)")
                 ray.get(actor.update_weights.remote(buckets, version))
                 healed += 1
         self.restarted_replicas += healed

@@ -26,12 +26,13 @@ import pyarrow as pa
 import ray
 import torch
 
-from aapo_ray.algo import get_estimator, grpo_loss, token_logprobs
+from aapo_ray.algo import get_estimator, grpo_loss
 from aapo_ray.config import Config
 from aapo_ray.launch import setup_actor_process
+from aapo_ray.logprobs import policy_logprobs, prepare_for_training
 from aapo_ray.models import load_model_and_tokenizer
 from aapo_ray.rollout import column_numpy, padded_tensors, sampling_temperature, shard
-from aapo_ray.weights import bucket_parameters
+from aapo_ray.weights import bucket_metadata, bucket_parameters, broadcast_buckets, init_weight_update_group
 
 CHECKPOINT_TAG = "deepspeed"  # engine.save_checkpoint(path, tag) writes path/deepspeed/...
 REQUIRED_COLUMNS = ("prompt_ids", "completion_ids", "advantage")
@@ -177,7 +178,8 @@ class LearnerActor:
 
         lc, algo = self.cfg.learner, self.cfg.algo
         model, self.tokenizer = _load_model(self.cfg, self.model_path)
-        model.train(False)  # no dropout: training log-probs must match the sampler's
+        # train mode (HF checkpoints only then) with every dropout at 0: log-probs must match the sampler's
+        prepare_for_training(model, lc.gradient_checkpointing)
         self.pad_id = self.tokenizer.pad_token_id
         optimizer = torch.optim.AdamW(model.parameters(), lr=lc.lr, betas=tuple(lc.betas),
                                       weight_decay=lc.weight_decay)
@@ -204,8 +206,8 @@ class LearnerActor:
         kwargs = {"clip_eps": algo.clip_eps}
         if self.ref_model is not None:
             with torch.no_grad():
-                logits = self.ref_model(input_ids=input_ids, attention_mask=attention_mask).logits
-                kwargs.update(ref_logprobs=token_logprobs(logits[:, :-1], input_ids[:, 1:], temperature),
+                kwargs.update(ref_logprobs=policy_logprobs(self.ref_model, input_ids, attention_mask, temperature,
+                                                           self.cfg.learner.logprob_chunk_tokens),
                               kl_beta=algo.kl_beta)
         return kwargs
 
@@ -227,8 +229,8 @@ class LearnerActor:
             ids, attn = t["input_ids"].to(self.device), t["attention_mask"].to(self.device)
             mask = t["completion_mask"][:, 1:].to(self.device)
             adv = torch.from_numpy(column_numpy(micro, "advantage").astype(np.float32)).to(self.device)
-            logits = self.engine(input_ids=ids, attention_mask=attn).logits
-            logprobs = token_logprobs(logits[:, :-1], ids[:, 1:], temperature)
+            # the LM head in chunks: no [tokens x vocabulary] float32 logits for the whole micro-batch
+            logprobs = policy_logprobs(self.engine, ids, attn, temperature, self.cfg.learner.logprob_chunk_tokens)
             loss = self.estimator.loss(logprobs, mask, adv, num_tokens=float(loss_denominator),
                                        **self._loss_kwargs(ids, attn, temperature))
             self.engine.backward(loss * scale)
@@ -259,6 +261,25 @@ class LearnerActor:
         """Full parameters in flat per-dtype buckets, each ``ray.put`` (call on rank 0)."""
         buckets = bucket_parameters(self.engine.module.named_parameters(), bucket_mb)
         return [ray.put(b) for b in buckets]
+
+    def weight_metadata(self, bucket_mb: float) -> list[tuple[list, list, list]]:
+        """``(names, dtypes, shapes)`` per bucket, for generators that receive a broadcast (rank 0)."""
+        return bucket_metadata(self.engine.module.named_parameters(), bucket_mb)
+
+    def init_weight_group(self, master_port: int, world_size: int, group_name: str) -> None:
+        """Rank 0 of the weight-update group the generator engines join (ranks 1..world_size-1)."""
+        self._weight_group = init_weight_update_group(ray.util.get_node_ip_address(), master_port, 0, world_size,
+                                                      group_name, self.backend)
+
+    def broadcast_weights(self, bucket_mb: float) -> int:
+        """Send every parameter to the engines of the weight-update group (rank 0; they receive)."""
+        return broadcast_buckets(self.engine.module.named_parameters(), bucket_mb, self._weight_group)
+
+    def free_port(self) -> tuple[str, int]:
+        """(node IP, a free port) for the weight-update group's rendezvous (rank 0 listens there)."""
+        host = ray.util.get_node_ip_address()
+        with socket.create_server((host, 0)) as probe:
+            return host, probe.getsockname()[1]
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Float32 CPU logits of the current weights (for checking a weight sync)."""
@@ -349,6 +370,10 @@ class LearnerGroup:
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self._gather("logits", [self.actors[0].logits.remote(input_ids)])[0]
+
+    def rank0(self):
+        """Rank 0's actor handle (it exports and broadcasts the weights)."""
+        return self.actors[0]
 
     def save_checkpoint(self, path: str) -> None:
         """DeepSpeed checkpoint of every rank into ``path`` (a shared file system across nodes)."""

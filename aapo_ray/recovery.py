@@ -17,6 +17,7 @@ from aapo_ray.config import Config
 from aapo_ray.data import PromptSampler
 from aapo_ray.generator import GeneratorPool
 from aapo_ray.learner import LearnerError, LearnerGroup
+from aapo_ray.weight_sync import sync_policy
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ def restore(run_dir: Path, cfg: Config, learners: LearnerGroup, policy: Generato
         log.info("restored %s from %s (step %d)", run_dir, last.name, step)
     else:
         sampler.load_state_dict({**sampler.state_dict(), "epoch": 0, "pos": 0})
-    policy.update_weights(learners.export_weights(cfg.learner.sync_bucket_mb), version=step)
+    sync_policy(policy, learners, version=step)
     return step
 
 
@@ -76,7 +77,8 @@ class Recovery:
     def restart_learners(self, exc: LearnerError, step: int, learners: LearnerGroup) -> tuple[LearnerGroup, int]:
         """A fresh learner group from the last checkpoint, if ``exc`` is a dead process and restarts are
         left; returns (learners, step to continue from). Otherwise raises with the resume command."""
-        if not isinstance(exc.__cause__, ACTOR_FAILURES) or self.learner_restarts >= self.cfg.run.max_learner_restarts:
+        if (not isinstance(exc.__cause__, ACTOR_FAILURES) or self.learner_restarts >= self.cfg.run.max_learner_restarts
+                or self.cfg.rollout.weight_sync == "nccl"):  # the engines' weight-update group died with rank 0
             raise RuntimeError(f"learner failed at step {step}: {exc}. The run directory is resumable: "
                                f"aapo train --resume {self.run_dir}") from exc
         self.learner_restarts += 1

@@ -26,6 +26,17 @@ class Completions:
     finish_reasons: list[str]  # "stop" (EOS or a stop string), "length"; never an aborted row
 
 
+def apply_stop(rows, texts, reasons, stops, tokenizer):
+    """Cut texts at the first stop string (re-tokenising the kept text for the ids)."""
+    for i, text in enumerate(texts):
+        cut = min((text.find(s) for s in stops if s in text), default=-1)
+        if cut >= 0:
+            texts[i] = text[:cut]
+            rows[i] = np.asarray(tokenizer(texts[i], add_special_tokens=False)["input_ids"], dtype=np.int32)
+            reasons[i] = "stop"
+    return rows, texts, reasons
+
+
 # ----------------------------------------------------------------------------- seeds
 # One place derives every seed of a run, so that the policy and the reference, each replica's chunk and
 # each row draw independent streams, and a re-sampled chunk repeats its draw exactly.

@@ -1,23 +1,56 @@
-"""``sglang.Engine`` as a generation backend (GPU only; the optional ``gpu`` extra).
+"""``sglang.Engine`` as a generation backend (GPU only; the optional ``gpu`` extra, pinned in pyproject.toml).
 
-Written against the pinned sglang release (see ``pyproject.toml``) and tested against a fake engine
-derived from that release's source (``tests/test_sglang_contract.py``); never executed on a GPU in CI.
+Written against the pinned release's source and tested in CI against a fake engine built from that
+release's wheel (``tests/test_sglang_contract.py``, ``tests/test_sglang_backend.py``); never executed on
+a GPU in CI. What the pinned release does, and what this backend does about it:
+
+- Weights: ``update_weights_from_tensor`` / ``update_weights_from_distributed`` load nothing and return
+  ``(False, message)`` outside ``begin_weight_update()`` ... ``end_weight_update()``. Every call's
+  ``(success, message)`` is checked; a refusal raises with sglang's message, so a generator never
+  advances its weight version on weights it did not load.
+- Event loop: the engine captures the event loop of the thread that builds it, and its synchronous
+  methods run ``loop.run_until_complete`` on it. Built inside a running loop (a Ray Serve replica) and
+  called from another thread, that fails. Here the engine is built and always called on one private
+  thread with a loop of its own, whoever calls the backend.
+- Seeds: ``sampling_seed`` is honoured only with ``enable_deterministic_inference``; then each row gets
+  its own seed (:func:`aapo_ray.sampling.row_seeds`), else the G copies of a prompt would be identical.
+  Engines get distinct ``random_seed`` s per role and replica.
+- ``skip_tokenizer_init=True`` (token ids in and out) makes the engine refuse ``stop`` strings: they are
+  applied to the decoded text here, as the hf backend does.
+- ``output_ids`` include the EOS; a finish reason ``abort`` (the engine dropped the request) is never a
+  completion: those rows are sampled again, and a row that keeps aborting raises.
 """
 
 from __future__ import annotations
 
-import numpy as np
-from transformers import AutoTokenizer
+from concurrent.futures import ThreadPoolExecutor
 
-from aapo_ray.sampling import Completions, SamplingParams
+import numpy as np
+from transformers import AutoTokenizer, GenerationConfig
+
+from aapo_ray.sampling import Completions, SamplingParams, apply_stop, row_seeds
 from aapo_ray.weights import unpack_bucket
+
+MAX_ABORT_RETRIES = 2
+
+
+class SGLangError(RuntimeError):
+    """sglang refused a call (its message included)."""
+
+
+def checked(result, what: str):
+    """``result`` of a weight call is ``(success, message)``: raise unless success."""
+    ok, message = result if isinstance(result, tuple) else (getattr(result, "success", True), getattr(result, "message", ""))
+    if not ok:
+        raise SGLangError(f"sglang {what} failed: {message}")
+    return result
 
 
 class SGLangBackend:
-    """``sglang.Engine`` fed with token ids; weights synced with ``update_weights_from_tensor``."""
+    """``sglang.Engine`` fed with token ids; every engine call runs on the backend's own thread."""
 
     def __init__(self, model_path: str, *, trust_remote_code: bool = False, dtype: str = "bfloat16",
-                 mem_fraction: float = 0.6, seed: int = 0, **_):
+                 mem_fraction: float = 0.6, seed: int = 0, deterministic: bool = False):
         try:
             import sglang  # optional (the gpu extra), GPU only
         except ImportError as exc:
@@ -25,23 +58,110 @@ class SGLangBackend:
                 "rollout.backend=sglang needs SGLang on a CUDA machine: pip install 'aapo-ray[gpu]' "
                 "(with a CUDA build of torch). On CPU use rollout.backend=hf.") from exc
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
-        self.engine = sglang.Engine(model_path=model_path, dtype=dtype, mem_fraction_static=mem_fraction,
-                                    random_seed=seed, skip_tokenizer_init=True,
-                                    trust_remote_code=trust_remote_code)
-        self.eos_ids = [self.tokenizer.eos_token_id]
+        self.deterministic = deterministic
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="sglang-engine")
+        self.engine = self._call(sglang.Engine, model_path=model_path, dtype=dtype, mem_fraction_static=mem_fraction,
+                                 random_seed=seed, skip_tokenizer_init=True, trust_remote_code=trust_remote_code,
+                                 enable_deterministic_inference=deterministic)
+        self.eos_ids = _eos_ids(model_path, self.tokenizer)
+
+    def _call(self, fn, *args, **kwargs):
+        """Run ``fn`` on the engine's thread (the thread whose event loop the engine captured)."""
+        return self._thread.submit(fn, *args, **kwargs).result()
 
     def generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> Completions:
-        sampling = {"temperature": params.temperature, "top_p": params.top_p,
-                    "max_new_tokens": params.max_new_tokens}
-        if params.seed is not None:
-            sampling["sampling_seed"] = params.seed
-        outputs = self.engine.generate(input_ids=prompt_ids, sampling_params=sampling)
-        rows = [np.asarray(o["output_ids"], dtype=np.int32) for o in outputs]
-        reasons = [(o["meta_info"].get("finish_reason") or {}).get("type", "length") for o in outputs]
+        seeds = row_seeds(params.seed, len(prompt_ids)) if self.deterministic else None
+        rows: list = [None] * len(prompt_ids)
+        reasons: list = [None] * len(prompt_ids)
+        todo, aborts = list(range(len(prompt_ids))), []
+        for attempt in range(MAX_ABORT_RETRIES + 1):
+            sampling = [self._sampling(params, None if seeds is None else seeds[i]) for i in todo]
+            outputs = self._call(self.engine.generate, input_ids=[list(prompt_ids[i]) for i in todo],
+                                 sampling_params=sampling)
+            aborts = []
+            for i, out in zip(todo, outputs):
+                finish = out["meta_info"].get("finish_reason") or {}
+                if finish.get("type") == "abort":
+                    aborts.append((i, finish.get("message", "")))
+                    continue
+                rows[i] = np.asarray(out["output_ids"], dtype=np.int32)
+                reasons[i] = "stop" if finish.get("type") == "stop" else "length"
+            todo = [i for i, _ in aborts]
+            if not todo:
+                break
+        if aborts:
+            raise SGLangError(f"sglang aborted {len(aborts)} request(s) {MAX_ABORT_RETRIES + 1} times, e.g. row "
+                              f"{aborts[0][0]}: {aborts[0][1]!r}; aborted rows are never trained on")
         texts = self.tokenizer.batch_decode(rows, skip_special_tokens=True)
-        return Completions(rows, texts, ["stop" if r == "stop" else "length" for r in reasons])
+        if params.stop:
+            rows, texts, reasons = apply_stop(rows, texts, reasons, params.stop, self.tokenizer)
+        return Completions(rows, texts, reasons)
 
+    @staticmethod
+    def _sampling(params: SamplingParams, seed: int | None) -> dict:
+        out = {"temperature": params.temperature, "top_p": params.top_p, "max_new_tokens": params.max_new_tokens}
+        if seed is not None:
+            out["sampling_seed"] = seed
+        return out
+
+    # ------------------------------------------------------------------ weights
     def load_weights(self, buckets: list) -> int:
-        named = [pair for bucket in buckets for pair in unpack_bucket(bucket)]
-        self.engine.update_weights_from_tensor(named_tensors=named)
-        return len(named)
+        """Object-store buckets through ``update_weights_from_tensor``, in one begin/end session."""
+        count = 0
+
+        def load():
+            nonlocal count
+            for k, bucket in enumerate(buckets):
+                named = unpack_bucket(bucket)
+                checked(self.engine.update_weights_from_tensor(named_tensors=named, flush_cache=k == len(buckets) - 1),
+                        "update_weights_from_tensor")
+                count += len(named)
+
+        self._session(load)
+        return count
+
+    def init_weight_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
+                          group_name: str, backend: str = "nccl") -> None:
+        """Join learner rank 0's weight-update group (this engine's rank is ``rank_offset``)."""
+        checked(self._call(self.engine.init_weights_update_group, master_address=master_address,
+                           master_port=master_port, rank_offset=rank_offset, world_size=world_size,
+                           group_name=group_name, backend=backend), "init_weights_update_group")
+
+    def load_weights_broadcast(self, metadata: list[tuple[list[str], list[str], list[list[int]]]],
+                               group_name: str) -> int:
+        """Receive rank 0's broadcast of every bucket (``(names, dtypes, shapes)`` each), in one session."""
+        def load():
+            for k, (names, dtypes, shapes) in enumerate(metadata):
+                checked(self.engine.update_weights_from_distributed(
+                    names=names, dtypes=dtypes, shapes=shapes, group_name=group_name,
+                    flush_cache=k == len(metadata) - 1), "update_weights_from_distributed")
+
+        self._session(load)
+        return sum(len(names) for names, _, _ in metadata)
+
+    def _session(self, load) -> None:
+        def run():
+            checked(self.engine.begin_weight_update(), "begin_weight_update")
+            try:
+                load()
+            finally:
+                checked(self.engine.end_weight_update(), "end_weight_update")
+
+        self._call(run)
+
+    def shutdown(self) -> None:
+        self._call(self.engine.shutdown)
+        self._thread.shutdown()
+
+
+def _eos_ids(model_path: str, tokenizer) -> list[int]:
+    """The tokenizer's EOS and the generation config's (a model may end on several ids)."""
+    try:
+        eos = GenerationConfig.from_pretrained(model_path).eos_token_id
+    except OSError:  # no generation_config.json
+        eos = None
+    ids = list(eos) if isinstance(eos, (list, tuple)) else [eos] if eos is not None else []
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+

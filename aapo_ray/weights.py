@@ -3,42 +3,71 @@
 A bucket is ``(names, shapes, flat)``: tensors of one dtype concatenated into one flat CPU tensor of at
 most ``sync_bucket_mb``, so a sync is a few large object-store puts instead of one per parameter. The
 learner exports with :func:`bucket_parameters`; a generator backend loads with :func:`load_weight_buckets`
-(HF) or hands :func:`unpack_bucket`'s views to its engine (SGLang).
+(HF) or hands :func:`unpack_bucket`'s views to its engine (SGLang). Generators on GPUs of their own can
+instead receive a broadcast from rank 0 (:func:`init_weight_update_group`, :func:`broadcast_buckets`).
 """
 
 from __future__ import annotations
 
+import datetime
 import math
 from typing import Iterable
 
 import ray
 import torch
+from torch.distributed import distributed_c10d as c10d
 
 
-def bucket_parameters(named: Iterable[tuple[str, torch.Tensor]], bucket_mb: float) -> list[tuple]:
-    """Group tensors into flat contiguous CPU buckets of <= ``bucket_mb`` MB per dtype.
-
-    Each bucket is ``(names, shapes, flat)``; a tensor larger than the limit gets its own bucket.
-    """
+def bucket_layout(named: Iterable[tuple[str, torch.Tensor]], bucket_mb: float) -> list[list[tuple[str, torch.Tensor]]]:
+    """Group tensors into buckets of <= ``bucket_mb`` MB per dtype, in order (a larger tensor gets its own)."""
     limit = int(bucket_mb * 2**20)
     open_buckets: dict[torch.dtype, list] = {}
-    done: list[tuple] = []
-
-    def close(dtype):
-        items = open_buckets.pop(dtype)
-        flat = torch.cat([t.detach().reshape(-1) for _, t in items]).cpu()
-        done.append(([n for n, _ in items], [tuple(t.shape) for _, t in items], flat))
-
+    done: list[list] = []
     for name, tensor in named:
         items = open_buckets.setdefault(tensor.dtype, [])
         size = sum(t.numel() * t.element_size() for _, t in items)
         if items and size + tensor.numel() * tensor.element_size() > limit:
-            close(tensor.dtype)
+            done.append(open_buckets.pop(tensor.dtype))
             items = open_buckets.setdefault(tensor.dtype, [])
         items.append((name, tensor))
-    for dtype in list(open_buckets):
-        close(dtype)
-    return done
+    return done + list(open_buckets.values())
+
+
+def bucket_parameters(named: Iterable[tuple[str, torch.Tensor]], bucket_mb: float) -> list[tuple]:
+    """:func:`bucket_layout` as flat contiguous CPU buckets, each ``(names, shapes, flat)``."""
+    return [([n for n, _ in items], [tuple(t.shape) for _, t in items],
+             torch.cat([t.detach().reshape(-1) for _, t in items]).cpu()) for items in bucket_layout(named, bucket_mb)]
+
+
+def bucket_metadata(named: Iterable[tuple[str, torch.Tensor]], bucket_mb: float) -> list[tuple[list, list, list]]:
+    """``(names, dtype names, shapes)`` per bucket: what an engine needs to receive a broadcast."""
+    return [([n for n, _ in items], [str(t.dtype).removeprefix("torch.") for _, t in items],
+             [list(t.shape) for _, t in items]) for items in bucket_layout(named, bucket_mb)]
+
+
+def init_weight_update_group(master_address: str, master_port: int, rank: int, world_size: int, group_name: str,
+                             backend: str, timeout: datetime.timedelta = datetime.timedelta(minutes=10)):
+    """A process group of its own between learner rank 0 (rank 0 here) and the generator engines, formed
+    the way SGLang's ``init_weights_update_group`` forms its side (a TCP rendezvous, a store prefixed by
+    ``group_name``, registered ranks), so that both ends can ``broadcast`` on it."""
+    store, rank, world_size = next(c10d.rendezvous(f"tcp://{master_address}:{master_port}", rank, world_size,
+                                                   timeout=timeout))
+    store.set_timeout(timeout)
+    group, _ = c10d._new_process_group_helper(world_size, rank, [], c10d.Backend(backend),
+                                              c10d.PrefixStore(group_name, store), group_name=group_name, timeout=timeout)
+    c10d._world.pg_group_ranks[group] = {i: i for i in range(world_size)}
+    return group
+
+
+def broadcast_buckets(named: Iterable[tuple[str, torch.Tensor]], bucket_mb: float, group) -> int:
+    """Send every tensor from rank 0, in :func:`bucket_metadata` order; returns how many."""
+    count = 0
+    with torch.no_grad():
+        for items in bucket_layout(named, bucket_mb):
+            for _, tensor in items:
+                torch.distributed.broadcast(tensor.detach().contiguous(), src=0, group=group)
+                count += 1
+    return count
 
 
 def unpack_bucket(bucket) -> list[tuple[str, torch.Tensor]]:
