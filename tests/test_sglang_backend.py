@@ -1,0 +1,194 @@
+"""The real SGLang backend, generator actor, weight sync and Serve replica against the fake engine built from
+the pinned sglang wheel (tests/fake_sglang, tests/sglang_contract.py). Each test names the defect it catches."""
+
+import asyncio
+import importlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import sglang_contract as sc
+from aapo_ray.config import load_config
+from aapo_ray.sampling import SamplingParams, engine_seed
+from aapo_ray.weights import bucket_parameters
+
+FAKE = Path(__file__).parent / "fake_sglang"
+
+
+@pytest.fixture(scope="module")
+def fake_env():
+    """The fake ``sglang`` importable here and in Ray workers (PYTHONPATH + the interface JSON)."""
+    env = {"PYTHONPATH": str(FAKE), "AAPO_FAKE_SGLANG_INTERFACE": str(sc.interface_json())}
+    os.environ["AAPO_FAKE_SGLANG_INTERFACE"] = env["AAPO_FAKE_SGLANG_INTERFACE"]
+    sys.path.insert(0, str(FAKE))
+    sys.modules.pop("sglang", None)
+    assert importlib.import_module("sglang").__file__.startswith(str(FAKE))
+    yield env
+    sys.path.remove(str(FAKE))
+    sys.modules.pop("sglang", None)
+
+
+@pytest.fixture(scope="module")
+def backend(fake_env, tiny_model_path):
+    from aapo_ray.sglang_backend import SGLangBackend
+
+    b = SGLangBackend(tiny_model_path, seed=7, deterministic=True)
+    yield b
+    b.shutdown()
+
+
+def prompts(tiny_model_path, n=1):
+    tok = AutoTokenizer.from_pretrained(tiny_model_path)
+    return tok(["Compute 1+2+3+4.\n", "Compute 9-3+2+1.\n"] * n, add_special_tokens=False)["input_ids"]
+
+
+def test_weight_sync_loads_inside_a_session_and_checks_every_result(backend, tiny_model_path):
+    """Defect 1: outside begin/end sglang loads nothing and says so only in its return value."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.5)
+    backend.engine.calls.clear()
+    assert backend.load_weights(bucket_parameters(model.named_parameters(), 0.05)) == len(list(model.parameters()))
+    for (name, want), got in zip(model.named_parameters(), backend.engine.model.parameters()):
+        torch.testing.assert_close(got, want, rtol=0, atol=0, msg=name)
+    calls = backend.engine.calls
+    assert calls[0] == "begin_weight_update" and calls[-1] == "end_weight_update"
+    assert calls.count("update_weights_from_tensor") > 1  # several buckets, one session
+    backend.engine.begin_weight_update()  # a session left open elsewhere: the next sync is refused, loudly
+    try:
+        with pytest.raises(RuntimeError, match="begin_weight_update failed"):
+            backend.load_weights(bucket_parameters(model.named_parameters(), 1.0))
+    finally:
+        backend.engine.end_weight_update()
+
+
+def test_rows_get_their_own_seeds(backend, fake_env, tiny_model_path):
+    """Defect 2: one sampling_seed for all G copies of a prompt makes the group identical."""
+    from aapo_ray.sglang_backend import SGLangBackend
+
+    group = prompts(tiny_model_path)[:1] * 6
+    params = SamplingParams(temperature=1.0, max_new_tokens=12, seed=11)
+    out = backend.generate(group, params)
+    assert len({tuple(r) for r in out.token_ids}) > 1  # the group has variance
+    again = backend.generate(group, params)
+    assert [r.tolist() for r in again.token_ids] == [r.tolist() for r in out.token_ids]  # and is reproducible
+    assert len({engine_seed(0, role, replica) for role in ("policy", "reference") for replica in range(4)}) == 8
+    free = SGLangBackend(tiny_model_path, seed=engine_seed(0, "policy", 0))  # not deterministic: no seeds sent
+    try:
+        free.engine.calls.clear()
+        free.generate(group, params)
+        assert free.engine.server_args.random_seed == engine_seed(0, "policy", 0)
+    finally:
+        free.shutdown()
+
+
+def test_stop_strings_and_aborts(backend, fake_env, tiny_model_path, monkeypatch):
+    """Defect 4: stop strings ignored; an aborted row trained on as if it ran out of length."""
+    import sglang
+
+    ids = prompts(tiny_model_path)
+    full = backend.generate(ids, SamplingParams(temperature=0.0, max_new_tokens=16))
+    stop = full.texts[0][2:4]
+    cut = backend.generate(ids, SamplingParams(temperature=0.0, max_new_tokens=16, stop=(stop,)))
+    assert cut.texts[0] == full.texts[0][:full.texts[0].find(stop)] and cut.finish_reasons[0] == "stop"
+    eos = AutoTokenizer.from_pretrained(tiny_model_path).eos_token_id
+    for row, why in zip(full.token_ids, full.finish_reasons):
+        assert (row[-1] == eos) == (why == "stop")  # output ids include the EOS, as sglang's do
+    attempts = []
+
+    def abort_first_row_once(index, prompt_ids):
+        attempts.append(index)
+        if len(attempts) == 1:
+            return {"message": "retracted", "status_code": None}
+        return None
+
+    monkeypatch.setattr(sglang, "abort_hook", abort_first_row_once)
+    again = backend.generate(ids, SamplingParams(temperature=0.0, max_new_tokens=16))
+    assert again.texts == full.texts and "abort" not in again.finish_reasons  # re-sampled, not "length"
+    monkeypatch.setattr(sglang, "abort_hook", lambda index, prompt_ids: {"message": "gone", "status_code": None})
+    with pytest.raises(RuntimeError, match="aborted .* never trained on"):
+        backend.generate(ids, SamplingParams(temperature=0.0, max_new_tokens=4))
+
+
+def test_serve_replica_builds_the_engine_inside_a_running_loop(fake_env, tiny_model_path, monkeypatch):
+    """Defect 3: Serve builds the replica inside its event loop and generates from an executor thread."""
+    from ray.serve import batching
+
+    from aapo_ray.serve_replica import OpenAIServer
+
+    monkeypatch.setattr(batching._BatchQueue, "_warn_if_max_batch_size_exceeds_max_ongoing_requests",
+                        lambda self: None)
+
+    class Request:
+        headers = {"content-type": "application/json"}
+
+        async def stream(self):
+            yield json.dumps({"prompt": "Compute 1+2.\n", "max_tokens": 4, "temperature": 0}).encode()
+
+    async def replica():
+        srv = OpenAIServer(tiny_model_path, "m", {"backend": "sglang"})  # as Serve does: inside its loop
+        response = await srv._complete(Request(), chat=False)
+        srv.backend.shutdown()
+        return json.loads(response.body)
+
+    body = asyncio.run(replica())
+    assert body["choices"][0]["finish_reason"] in ("stop", "length") and body["usage"]["completion_tokens"] >= 1
+
+
+@pytest.fixture(scope="module")
+def sglang_cfg(tiny_model_path, fake_env):
+    cfg = load_config(None, [f"model.path={tiny_model_path}", "rollout.prompts_per_step=2", "algo.group_size=2",
+                             "rollout.max_new_tokens=8", "learner.micro_batch_size=4", "learner.sync_bucket_mb=0.05"])
+    cfg.rollout.backend, cfg.rollout.weight_sync = "sglang", "nccl"  # GPU-only settings, checked by config
+    return cfg
+
+
+def test_generator_actor_and_nccl_style_broadcast_from_a_real_learner(ray_cluster, sglang_cfg, fake_env,
+                                                                     tiny_model_path):
+    """Weights broadcast from DeepSpeed rank 0 (gloo here, NCCL on GPUs) into the engines' group: the
+    generator's engine holds exactly the learner's weights, and its version advances."""
+    from aapo_ray.generator import GeneratorActor, GeneratorPool
+    from aapo_ray.learner import LearnerGroup
+    from aapo_ray.rollout import concat, learner_batch, make_prompt_batch
+    from aapo_ray.weight_sync import sync_policy
+
+    class FakeEnginePool(GeneratorPool):
+        def _new_actor(self, replica):
+            return ray.remote(GeneratorActor).options(num_cpus=0.5, max_restarts=0, runtime_env={
+                "env_vars": fake_env}).remote(self.cfg, self.model_path, self.role, replica)
+
+    policy, learners = FakeEnginePool(sglang_cfg, tiny_model_path, replicas=2), LearnerGroup(sglang_cfg, tiny_model_path)
+    try:
+        ids = prompts(tiny_model_path)
+        batch = make_prompt_batch([0, 1], ids, ["a", "b"], ["10", "9"])
+        rollouts = concat(ray.get(policy.async_generate(batch, 2, policy.sampling(seed=1))))
+        assert rollouts.num_rows == 4
+        learners.train_step(learner_batch(rollouts, np.array([1.0, -1.0, 0.5, -0.5])),
+                            float(len(rollouts.column("completion_ids").values)))
+        sync_policy(policy, learners, version=1)
+        want = ray.get(learners.rank0().__ray_call__.remote(
+            lambda self: {k: v.detach().cpu().clone() for k, v in self.engine.module.named_parameters()}))
+        for actor in policy.actors:
+            got = ray.get(actor.__ray_call__.remote(
+                lambda self: {k: v.detach().clone() for k, v in self.backend.engine.model.named_parameters()}))
+            for name, tensor in want.items():
+                torch.testing.assert_close(got[name], tensor, rtol=0, atol=0, msg=name)
+            state = ray.get(actor.ready.remote())
+            assert state["version"] == 1
+        calls = ray.get(policy.actors[0].__ray_call__.remote(lambda self: list(self.backend.engine.calls)))
+        assert calls.count("init_weights_update_group") == 1 and "update_weights_from_tensor" not in calls
+        sync_policy(policy, learners, version=2)  # the group is formed once, reused every step
+        assert ray.get(policy.actors[0].ready.remote())["version"] == 2
+    finally:
+        policy.shutdown()
+        learners.shutdown()
+
+
