@@ -418,6 +418,10 @@ def test_versions_and_paths_agree():
     assert "COPY --chown=1000:100 cluster/configs ./cluster/configs" in dockerfile
     assert "WORKDIR " + IMAGE_HOME.rstrip("/") in dockerfile
     assert 'FROM ${RAY_IMAGE}' in dockerfile and "rayproject/ray:" in dockerfile
+    # sglang==0.5.23 pins torch 2.14.1 (cu130 build): base and torch must both be CUDA 13.0
+    assert re.search(r"^ARG RAY_IMAGE=rayproject/ray:\$\{RAY_VERSION\}-py311-cu130$", dockerfile, re.M)
+    assert re.search(r"^ARG TORCH_VERSION=2\.14\.1$", dockerfile, re.M) and "whl/cu130" in dockerfile
+    assert '"sglang==0.5.23"' in (CLUSTER.parent / "pyproject.toml").read_text()
 
 
 # ----------------------------------------------------------------------------- configs
