@@ -397,10 +397,12 @@ def test_rayservice_serves_the_aapo_app(overlay):
     assert app["args"]["model"].startswith("/outputs/")
     assert app["args"]["model"] == f"/outputs/{OVERLAY_CONFIGS[name][0]}"  # the RayJob's run directory
     assert "api_key" not in app["args"]  # it comes from the Secret, as AAPO_API_KEY
-    serve = pytest.importorskip("aapo_ray.serve")
-    parsed = serve.BuilderArgs(**app["args"])
-    unknown = set(parsed.model_extra or {}) - set(serve.ServeOptions.model_fields)
+    from aapo_ray.serve import DeploymentOptions, ServeOptions
+
+    unknown = set(app["args"]) - set(DeploymentOptions.model_fields) - set(ServeOptions.model_fields)
     assert not unknown, f"app_builder args it does not know: {unknown}"
+    DeploymentOptions(**{k: v for k, v in app["args"].items() if k in DeploymentOptions.model_fields})
+    ServeOptions(**{k: v for k, v in app["args"].items() if k in ServeOptions.model_fields})
     gpu_pod = service["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]
     env = {e["name"]: e for e in gpu_pod["containers"][0]["env"]}
     assert env["AAPO_API_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "aapo-serve-api-key"
