@@ -269,3 +269,22 @@ def test_checkpoint_resume_is_exact(ray_cluster, model_dir, group1, tmp_path):
         assert_params_close(exported_params(resumed, model_dir), continued, atol=0.0)
     hf = load(str(tmp_path / "hf"))  # the HF export holds the step-1 weights
     assert_params_close(dict(hf.named_parameters()), group1.params, atol=0.0)
+
+
+def test_checkpointing_and_chunked_logprobs_train_the_same(ray_cluster, model_dir, group1):
+    """The GPU memory path (GPU-path issue, defect 5): the learner trains in train mode with activation
+    checkpointing on and the LM head in chunks smaller than a sequence, and the update is the same."""
+    from aapo_ray.learner import LearnerGroup
+    from aapo_ray.logprobs import checkpointing_enabled
+
+    cfg = make_cfg(2, 1)
+    cfg.learner.gradient_checkpointing, cfg.learner.logprob_chunk_tokens = True, 3
+    with LearnerGroup(cfg, model_dir) as lean:
+        mode = ray_cluster.get(lean.rank0().__ray_call__.remote(
+            lambda self: (self.engine.module.training, checkpointing_enabled(self.engine.module),
+                          self.engine.module.config.use_cache)))
+        assert mode == (True, True, False)
+        batch = make_batch(0)
+        metrics = lean.train_step(batch, denominator(batch))
+        assert metrics["loss"] == pytest.approx(group1.metrics["loss"], rel=1e-6)
+        assert_params_close(exported_params(lean, model_dir), group1.params, atol=1e-6)
