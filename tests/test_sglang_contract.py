@@ -237,6 +237,7 @@ _TRAINER = textwrap.dedent("""
     t = torch.full((int(sys.argv[4]),), 0.25, dtype=torch.float32)
     torch.distributed.broadcast(t, src=0, group=pg)
     print("sent", flush=True)
+    sys.stdin.readline()  # exit only once the engine has received: gloo aborts a process torn down mid-pair
 """)
 
 
@@ -253,7 +254,7 @@ def test_distributed_update_over_gloo(engine):
     before = param.detach().clone()
     port = _free_port()
     trainer = subprocess.Popen([sys.executable, "-c", _TRAINER, str(port), "2", "wug", str(param.numel())],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         ok, msg = engine.init_weights_update_group(master_address="127.0.0.1", master_port=port,
                                                    rank_offset=1, world_size=2, group_name="wug",
@@ -268,7 +269,7 @@ def test_distributed_update_over_gloo(engine):
         engine.end_weight_update()
         assert (ok, msg) == (True, "Succeeded to update parameter online.")
         assert torch.all(param == 0.25)
-        out, err = trainer.communicate(timeout=60)
+        out, err = trainer.communicate(input="done\n", timeout=60)
         assert trainer.returncode == 0 and "sent" in out, err
     finally:
         trainer.kill()
