@@ -287,4 +287,4 @@ def test_checkpointing_and_chunked_logprobs_train_the_same(ray_cluster, model_di
         batch = make_batch(0)
         metrics = lean.train_step(batch, denominator(batch))
         assert metrics["loss"] == pytest.approx(group1.metrics["loss"], rel=1e-6)
-        assert_params_close(exported_params(lean, model_dir), group1.params, atol=1e-6)
+        assert_params_close(exported_params(lean, model_dir), group1.params, atol=1e-5)  # as the ZeRO checks
