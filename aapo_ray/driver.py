@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from aapo_ray import checkpoint as ckpt
-from aapo_ray.algo import advantage_diagnostics, get_estimator
+from aapo_ray.algo import advantage_diagnostics, get_estimator, gpg_alpha, gpg_fill, loss_weights
 from aapo_ray.collect import ACTOR_FAILURES, collect_scored
 from aapo_ray.config import EMBEDDED_MODEL, Config, dump_config
 from aapo_ray.data import PromptSampler, load_prompt_dataset, render_prompts
@@ -74,15 +74,22 @@ def train(cfg: Config, *, run_dir: str | Path | None = None, resume: bool = Fals
                 batches, counters, faults = collect_scored(requests, scorers)
                 rollouts = concat(batches[0])
                 ref_batch = concat(batches[1]) if reference else None
+                topup = {}
+                if cfg.algo.gpg_valid_threshold > 0:  # GPG's beta_th: more prompt groups while too few vary
+                    rollouts, topup = gpg_topup(cfg, rollouts, policy, scorers, train_prompts, sampler, seed, counters)
+                    sampler_after[step] = sampler.state_dict()
                 t_rollout = time.perf_counter()
 
                 rewards = torch.tensor(column_numpy(rollouts, "reward"))
                 ref_rewards = torch.tensor(_aligned_rewards(rollouts, ref_batch)) if reference else None
-                advantages = estimator.advantages(rewards, ref_rewards, cfg.algo.group_size,
-                                                  scale_rewards=cfg.algo.scale_rewards, margin_clip=cfg.algo.margin_clip)
-                batch = with_columns(rollouts, advantage=advantages)
-                tokens = len(batch.column("completion_ids").values)
-                denominator = estimator.loss_denominator(tokens, batch.num_rows, cfg.rollout.max_new_tokens)
+                advantages = estimator.advantages(rewards, ref_rewards, cfg.algo.group_size, margin_clip=cfg.algo.margin_clip,
+                                                  scale_rewards=cfg.algo.resolve("scale_rewards"))
+                lengths = np.diff(rollouts.column("completion_ids").offsets.to_numpy())
+                weights, denominator = loss_weights(cfg.algo.resolve("loss_agg"), lengths, cfg.algo.group_size,
+                                                    cfg.rollout.max_new_tokens)
+                batch = with_columns(rollouts, advantage=advantages, **({} if weights is None else {"loss_weight": weights}))
+                if estimator.name == "gpg":
+                    topup["gpg/alpha"] = gpg_alpha(rewards, cfg.algo.group_size)
                 t_adv = time.perf_counter()
 
                 in_update = True  # from here until the checkpoint the learner state is ahead of the log
@@ -96,7 +103,7 @@ def train(cfg: Config, *, run_dir: str | Path | None = None, resume: bool = Fals
                                                 cfg.algo.margin_clip if estimator.name == "aapo" else None),
                         **_rollout_stats(rollouts, ref_batch, counters),
                         **{f"learner/{k}": v for k, v in learner_metrics.items()},
-                        **faults, "faults/learner_restarts": learner_restarts,
+                        **topup, **faults, "faults/learner_restarts": learner_restarts,
                         "faults/policy_replica_restarts": policy.restarted_replicas,
                         "time/generate_s": _generate_seconds(batches[0]),
                         "time/ref_generate_s": _generate_seconds(batches[1]) if reference else 0.0,
@@ -247,6 +254,33 @@ def summary(run_dir: Path) -> str:
 def _started(stack: ExitStack, role):
     stack.callback(role.shutdown)
     return role
+
+
+def gpg_topup(cfg: Config, rollouts: pa.RecordBatch, policy: GeneratorPool, scorers: ScorerPool,
+              prompts: pa.RecordBatch, sampler: PromptSampler, seed: int, counters: list[dict]) -> tuple[pa.RecordBatch, dict]:
+    """GPG's threshold top-up: while fewer than ``algo.gpg_valid_threshold`` of the step's samples
+    are in groups whose rewards vary, sample another ``prompts_per_step`` prompts (at most
+    ``algo.gpg_max_topups`` rounds) and train on a batch of the usual size made of the valid groups
+    first, zero-variance groups to fill (:func:`aapo_ray.algo.gpg_fill`); alpha = B / (B - M) of
+    that batch then corrects for the zero-variance groups left in it."""
+    G, num_groups = cfg.algo.group_size, rollouts.num_rows // cfg.algo.group_size
+    pool, rounds = [rollouts], 0
+    while True:
+        order, share = gpg_fill(torch.tensor(np.concatenate([column_numpy(b, "reward") for b in pool])), G, num_groups)
+        if share >= cfg.algo.gpg_valid_threshold or rounds >= cfg.algo.gpg_max_topups:
+            break
+        rounds += 1
+        extra = prompts.take(pa.array(sampler.next_batch()))
+        batches, more, _ = collect_scored([(policy, policy.chunks(extra, G, policy.sampling(seed + 250_007 * rounds)))], scorers)
+        pool.append(concat(batches[0]))
+        counters.extend(more)
+    if rounds:
+        every = concat(pool)
+        rows = (order[:, None] * G + torch.arange(G)).flatten().numpy()
+        picked = every.take(pa.array(rows))
+        rollouts = picked.set_column(picked.schema.get_field_index("group_index"), picked.schema.field("group_index"),
+                                     pa.array(np.arange(len(rows), dtype=np.int32) // G))
+    return rollouts, {"gpg/topup_rounds": float(rounds), "gpg/valid_share": share}
 
 
 def _aligned_rewards(rollouts: pa.RecordBatch, ref_batch: pa.RecordBatch) -> np.ndarray:
