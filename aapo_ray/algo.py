@@ -11,6 +11,10 @@ and the loss is the advantage-weighted NLL over completion tokens::
 
     L = - sum_{i,t} M_it * A_i * log pi(o_it | q, o_i<t) / N
 
+Baselines: ``aapo_no_margin`` (A_grp alone), ``gpg`` (GPG, arXiv 2504.02546: ``alpha * (r_i -
+mean(r))``, no std, ``alpha = B / (B - M)`` with M the step's samples in zero-variance groups),
+``grpo`` (PPO-clip surrogate with a k3 KL to the reference) and ``dr_grpo``.
+
 **Split-invariant normalisation.** ``N`` is the completion-token count of the *whole step's
 batch* (all learners, all micro-batches), not of the micro-batch. Pass it as ``num_tokens``:
 then each micro-batch loss is a partial sum and the gradients of the pieces add up to the
