@@ -11,13 +11,29 @@ and the loss is the advantage-weighted NLL over completion tokens::
 
     L = - sum_{i,t} M_it * A_i * log pi(o_it | q, o_i<t) / N
 
+Baselines: ``aapo_no_margin`` (A_grp alone), ``gpg`` (GPG, arXiv 2504.02546: ``alpha * (r_i -
+mean(r))``, no std, ``alpha = B / (B - M)`` with M the step's samples in zero-variance groups),
+``grpo`` (PPO-clip surrogate with a k3 KL to the reference) and ``dr_grpo``.
+
 **Split-invariant normalisation.** ``N`` is the completion-token count of the *whole step's
 batch* (all learners, all micro-batches), not of the micro-batch. Pass it as ``num_tokens``:
 then each micro-batch loss is a partial sum and the gradients of the pieces add up to the
 gradient of the full batch, whatever the split. Data-parallel engines average gradients over
 ranks and accumulation steps, so a learner multiplies each micro-batch loss by
 ``world_size * accumulation_steps`` to turn that average back into the sum (see
-``aapo_ray/learner.py``). Dr.GRPO replaces ``N`` by the constant ``num_sequences * max_len``.
+``aapo_ray/learner.py``).
+
+**Loss aggregation** (``algo.loss_agg``, :func:`loss_weights`). Every aggregation is a weighted
+token sum ``L = sum_i w_i sum_t M_it l_it / D`` with per-sequence weights ``w_i`` and one global
+``D``, both computed on the driver from the whole step (``w`` travels as the ``loss_weight``
+column), so any split gives the same gradient::
+
+    token_mean               w_i = 1               D = completion tokens of the step
+    seq_mean_token_mean      w_i = 1 / |o_i|       D = number of sequences     (GRPO, TRL)
+    group_token_mean         w_i = 1 / T_g(i)      D = number of groups        (authors' AAPO code)
+    seq_mean_token_sum_norm  w_i = 1               D = num_sequences * max_len (Dr.GRPO)
+
+where ``T_g`` is the completion-token count of sequence i's prompt group.
 
 Rewards that are NaN or infinite (a reward function that returned nothing) count as 0 and are
 reported by :func:`advantage_diagnostics`; they never reach the gradient.
@@ -102,6 +118,37 @@ def dr_grpo_advantages(rewards: Tensor, group_size: int) -> Tensor:
     return group_advantages(rewards, group_size, scale_rewards=False)
 
 
+def _valid_groups(rewards: Tensor, group_size: int) -> Tensor:
+    r = _grouped(rewards, group_size)
+    return r.max(dim=1).values != r.min(dim=1).values
+
+
+def gpg_alpha(rewards: Tensor, group_size: int) -> float:
+    """GPG's batch correction ``alpha = B / (B - M)``; M = samples in zero-variance groups (1 if B == M)."""
+    valid = int(_valid_groups(rewards, group_size).sum()) * group_size
+    return rewards.numel() / valid if valid else 1.0
+
+
+def gpg_advantages(rewards: Tensor, group_size: int, *, scale_rewards: bool = False) -> Tensor:
+    """GPG (arXiv 2504.02546): ``alpha * (r - mean(r)) / F_norm`` with F_norm = 1 (the paper's
+    choice; ``scale_rewards`` gives its F_norm = std ablation row) and alpha from :func:`gpg_alpha`
+    over the whole step's batch. verl's ``compute_gpg_outcome_advantage`` differs: its alpha is
+    B / (number of samples with a non-zero reward), which equals the paper's only when exactly the
+    zero-variance groups are the all-zero ones (binary rewards with no all-correct group).
+    """
+    return gpg_alpha(rewards, group_size) * group_advantages(rewards, group_size, scale_rewards=scale_rewards)
+
+
+def gpg_fill(rewards: Tensor, group_size: int, num_groups: int) -> tuple[Tensor, float]:
+    """GPG's top-up (beta_th): from the groups sampled so far (arrival order), the ``num_groups``
+    to train on -- valid (reward-varying) groups first, zero-variance ones to fill -- as sorted
+    group indices, and the valid-sample share of that batch. With enough valid groups in the
+    first ``num_groups`` the selection is the identity."""
+    valid = _valid_groups(rewards, group_size)
+    order = torch.cat([valid.nonzero().flatten(), (~valid).nonzero().flatten()])[:num_groups]
+    return order.sort().values, min(int(valid.sum()), num_groups) / num_groups
+
+
 def token_logprobs(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> Tensor:
     """log pi(token) from logits ``[B, T, V]`` scaled by the sampling temperature, in float32."""
     logits = logits.float() / temperature
@@ -145,25 +192,55 @@ def chunked_token_logprobs(hidden: Tensor, lm_head_weight: Tensor, tokens: Tenso
     return torch.cat(pieces).view(tokens.shape)
 
 
+LOSS_AGGS = ("token_mean", "seq_mean_token_mean", "group_token_mean", "seq_mean_token_sum_norm")
+
+
+def loss_weights(loss_agg: str, lengths, group_size: int, max_new_tokens: int) -> tuple[Tensor | None, float]:
+    """``(w, D)`` of the module docstring for a step with completion ``lengths`` (tokens per row,
+    groups contiguous). ``w`` is ``None`` where it is all ones (token sums, no column needed)."""
+    n = torch.as_tensor(lengths, dtype=torch.float64).flatten()
+    if loss_agg == "token_mean":
+        return None, float(max(int(n.sum()), 1))
+    if loss_agg == "seq_mean_token_sum_norm":
+        return None, float(n.numel() * max_new_tokens)
+    if loss_agg == "seq_mean_token_mean":
+        return 1.0 / n.clamp(min=1), float(n.numel())
+    if loss_agg == "group_token_mean":
+        if n.numel() % group_size:
+            raise ValueError(f"{n.numel()} lengths are not whole groups of {group_size}")
+        per_group = n.view(-1, group_size).sum(dim=1).clamp(min=1)
+        return (1.0 / per_group).repeat_interleave(group_size), float(per_group.numel())
+    raise ValueError(f"unknown loss_agg {loss_agg!r}; choose one of {LOSS_AGGS}")
+
+
 def _denominator(mask: Tensor, num_tokens: float | Tensor | None) -> Tensor | float:
     return mask.sum().clamp(min=1.0) if num_tokens is None else num_tokens
 
 
+def _reduce(masked: Tensor, mask: Tensor, num_tokens, weights: Tensor | None) -> Tensor:
+    """``sum_{i,t} masked / num_tokens``, or with per-sequence ``weights`` ``sum_i w_i sum_t masked / num_tokens``."""
+    if weights is None:
+        return masked.sum() / _denominator(mask, num_tokens)
+    return (masked.sum(dim=1) * weights.to(masked.dtype)).sum() / (1.0 if num_tokens is None else num_tokens)
+
+
 def aapo_loss(logprobs: Tensor, completion_mask: Tensor, advantages: Tensor, *,
-              num_tokens: float | Tensor | None = None) -> Tensor:
+              num_tokens: float | Tensor | None = None, weights: Tensor | None = None) -> Tensor:
     """Advantage-weighted NLL summed over completion tokens / ``num_tokens``.
 
     ``num_tokens`` defaults to this batch's token count; pass the global count for split invariance.
+    ``weights`` (per sequence) weight each sequence's token sum (see :func:`loss_weights`).
     """
     mask = completion_mask.to(logprobs.dtype)
     weighted = advantages.detach().to(logprobs.dtype)[:, None] * logprobs * mask
-    return -weighted.sum() / _denominator(mask, num_tokens)
+    return -_reduce(weighted, mask, num_tokens, weights)
 
 
 def grpo_loss(logprobs: Tensor, completion_mask: Tensor, advantages: Tensor, *,
               old_logprobs: Tensor | None = None, clip_eps: float = 0.2,
               clip_eps_high: float | None = None, ref_logprobs: Tensor | None = None,
-              kl_beta: float = 0.0, num_tokens: float | Tensor | None = None) -> Tensor:
+              kl_beta: float = 0.0, num_tokens: float | Tensor | None = None,
+              weights: Tensor | None = None) -> Tensor:
     """PPO-clip surrogate with optional k3 KL to the reference, token-summed / ``num_tokens``.
 
     ``old_logprobs=None`` means on-policy (ratio 1 with the right gradient).
@@ -179,7 +256,7 @@ def grpo_loss(logprobs: Tensor, completion_mask: Tensor, advantages: Tensor, *,
             raise ValueError("kl_beta > 0 needs ref_logprobs")
         delta = ref_logprobs - logprobs
         per_token = per_token + kl_beta * (torch.exp(delta) - delta - 1)
-    return (per_token * mask).sum() / _denominator(mask, num_tokens)
+    return _reduce(per_token * mask, mask, num_tokens, weights)
 
 
 @dataclass(frozen=True)
@@ -188,7 +265,8 @@ class Estimator:
 
     ``needs_reference``: the step must sample the frozen reference model.
     ``normalizer``: ``"tokens"`` (global completion-token count) or ``"max_len"``
-    (``num_sequences * max_new_tokens``, Dr.GRPO).
+    (``num_sequences * max_new_tokens``, Dr.GRPO): the scalar ``D`` of callers that pass no
+    weights; the driver uses :func:`loss_weights` with ``algo.loss_agg`` instead.
     """
 
     name: str
@@ -208,8 +286,12 @@ def _aapo(rewards, ref_rewards, group_size, *, scale_rewards=True, margin_clip=(
     return aapo_advantages(rewards, ref_rewards, group_size, scale_rewards=scale_rewards, margin_clip=margin_clip)
 
 
-def _gpg(rewards, ref_rewards, group_size, *, scale_rewards=True, margin_clip=None):
+def _aapo_no_margin(rewards, ref_rewards, group_size, *, scale_rewards=True, margin_clip=None):
     return aapo_advantages(rewards, None, group_size, scale_rewards=scale_rewards, use_margin=False)
+
+
+def _gpg(rewards, ref_rewards, group_size, *, scale_rewards=False, margin_clip=None):
+    return gpg_advantages(rewards, group_size, scale_rewards=scale_rewards)
 
 
 def _grpo(rewards, ref_rewards, group_size, *, scale_rewards=True, margin_clip=None):
@@ -222,6 +304,7 @@ def _dr_grpo(rewards, ref_rewards, group_size, *, scale_rewards=False, margin_cl
 
 ESTIMATORS: dict[str, Estimator] = {
     "aapo": Estimator("aapo", True, _aapo, aapo_loss),
+    "aapo_no_margin": Estimator("aapo_no_margin", False, _aapo_no_margin, aapo_loss),  # the margin ablation
     "gpg": Estimator("gpg", False, _gpg, aapo_loss),
     "grpo": Estimator("grpo", False, _grpo, grpo_loss),
     "dr_grpo": Estimator("dr_grpo", False, _dr_grpo, grpo_loss, normalizer="max_len"),
@@ -229,7 +312,7 @@ ESTIMATORS: dict[str, Estimator] = {
 
 
 def get_estimator(name: str) -> Estimator:
-    """Look up an estimator by config name (``aapo``, ``gpg``, ``grpo``, ``dr_grpo``)."""
+    """Look up an estimator by config name (``aapo``, ``aapo_no_margin``, ``gpg``, ``grpo``, ``dr_grpo``)."""
     try:
         return ESTIMATORS[name]
     except KeyError:

@@ -12,10 +12,16 @@ import logging
 from collections import Counter
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
 import ray
+import torch
 
+from aapo_ray.algo import gpg_fill
+from aapo_ray.config import Config
+from aapo_ray.data import PromptSampler
 from aapo_ray.generator import Chunk, GeneratorPool
+from aapo_ray.rollout import column_numpy, concat
 from aapo_ray.scorer import ScorerPool
 
 log = logging.getLogger(__name__)
@@ -85,3 +91,30 @@ def _failed(ref: ray.ObjectRef) -> bool:
         return False
     except ACTOR_FAILURES:
         return True
+
+
+def gpg_topup(cfg: Config, rollouts: pa.RecordBatch, policy: GeneratorPool, scorers: ScorerPool,
+              prompts: pa.RecordBatch, sampler: PromptSampler, seed: int, counters: list[dict]) -> tuple[pa.RecordBatch, dict]:
+    """GPG's threshold top-up: while fewer than ``algo.gpg_valid_threshold`` of the step's samples
+    are in groups whose rewards vary, sample another ``prompts_per_step`` prompts (at most
+    ``algo.gpg_max_topups`` rounds) and train on a batch of the usual size made of the valid groups
+    first, zero-variance groups to fill (:func:`aapo_ray.algo.gpg_fill`); alpha = B / (B - M) of
+    that batch then corrects for the zero-variance groups left in it."""
+    G, num_groups = cfg.algo.group_size, rollouts.num_rows // cfg.algo.group_size
+    pool, rounds = [rollouts], 0
+    while True:
+        order, share = gpg_fill(torch.tensor(np.concatenate([column_numpy(b, "reward") for b in pool])), G, num_groups)
+        if share >= cfg.algo.gpg_valid_threshold or rounds >= cfg.algo.gpg_max_topups:
+            break
+        rounds += 1
+        extra = prompts.take(pa.array(sampler.next_batch()))
+        batches, more, _ = collect_scored([(policy, policy.chunks(extra, G, policy.sampling(seed + 250_007 * rounds)))], scorers)
+        pool.append(concat(batches[0]))
+        counters.extend(more)
+    if rounds:
+        every = concat(pool)
+        rows = (order[:, None] * G + torch.arange(G)).flatten().numpy()
+        picked = every.take(pa.array(rows))
+        rollouts = picked.set_column(picked.schema.get_field_index("group_index"), picked.schema.field("group_index"),
+                                     pa.array(np.arange(len(rows), dtype=np.int32) // G))
+    return rollouts, {"gpg/topup_rounds": float(rounds), "gpg/valid_share": share}

@@ -53,15 +53,53 @@ class RewardConfig(Section):
     cpus_per_scorer: float = Field(0.25, ge=0)
 
 
-class AlgoConfig(Section):
-    """Advantage estimator and loss (docs/aapo-spec.md section 5)."""
+LOSS_AGGS = ("token_mean", "seq_mean_token_mean", "group_token_mean", "seq_mean_token_sum_norm")
+# What ``None`` means for algo.scale_rewards / loss_agg / kl_beta: each estimator as published
+# (aapo: the authors' code; grpo: TRL's GRPOTrainer the AAPO paper compared against; gpg: arXiv
+# 2504.02546; dr_grpo: arXiv 2503.20783). An explicit value always wins.
+ESTIMATOR_DEFAULTS: dict[str, dict[str, Any]] = {
+    "aapo": {"scale_rewards": True, "loss_agg": "token_mean", "kl_beta": 0.0},
+    "aapo_no_margin": {"scale_rewards": True, "loss_agg": "token_mean", "kl_beta": 0.0},
+    "gpg": {"scale_rewards": False, "loss_agg": "token_mean", "kl_beta": 0.0},
+    "grpo": {"scale_rewards": True, "loss_agg": "seq_mean_token_mean", "kl_beta": 0.04},
+    "dr_grpo": {"scale_rewards": False, "loss_agg": "seq_mean_token_sum_norm", "kl_beta": 0.0},
+}
+NO_KL_ESTIMATORS = ("aapo", "aapo_no_margin", "gpg")  # their loss is plain weighted NLL, no KL term
+# Named override sets a study can cite (``aapo train --set`` each, or copy into a YAML).
+STUDY_ARMS: dict[str, list[str]] = {
+    # GRPO with 2G samples per prompt generates as many completions per step as AAPO's G policy + G
+    # reference samples (G = 6 default): the compute-matched baseline.
+    "grpo_compute_matched": ["algo.estimator=grpo", "algo.group_size=12"],
+}
 
-    estimator: Literal["aapo", "gpg", "grpo", "dr_grpo"] = "aapo"
+
+class AlgoConfig(Section):
+    """Advantage estimator and loss (docs/aapo-spec.md section 5).
+
+    ``scale_rewards``, ``loss_agg`` and ``kl_beta`` default to ``None`` = the estimator's published
+    setting (:data:`ESTIMATOR_DEFAULTS`); read them with :meth:`resolve`. ``loss_agg``:
+    ``token_mean`` (sum over the step's completion tokens / their count), ``seq_mean_token_mean``
+    (mean over each sequence's tokens, then over sequences), ``group_token_mean`` (token mean within
+    each prompt group, then mean over groups: the authors' one-group-per-micro-batch AAPO code),
+    ``seq_mean_token_sum_norm`` (token sum / (num_sequences * max_new_tokens): Dr.GRPO).
+    """
+
+    estimator: Literal["aapo", "aapo_no_margin", "gpg", "grpo", "dr_grpo"] = "aapo"
     group_size: int = Field(6, ge=1)
-    scale_rewards: bool = True
+    scale_rewards: bool | None = None  # None: estimator default (gpg, dr_grpo: false; others: true)
     margin_clip: tuple[float, float] | None = (0.2, 0.28)
+    loss_agg: Literal["token_mean", "seq_mean_token_mean", "group_token_mean", "seq_mean_token_sum_norm"] | None = None
     clip_eps: float = Field(0.2, gt=0)  # grpo / dr_grpo surrogate
-    kl_beta: float = Field(0.0, ge=0)  # grpo / dr_grpo KL to the reference; 0 = no KL model needed
+    kl_beta: float | None = Field(None, ge=0)  # grpo / dr_grpo k3 KL to the reference; None: grpo 0.04, else 0
+    # gpg: top the batch up with extra prompt groups while the share of samples in groups with
+    # reward variance is below this (beta_th; the GPG paper's 0.6 is "gpg_valid_threshold=0.6"); 0 = off
+    gpg_valid_threshold: float = Field(0.0, ge=0, le=1)
+    gpg_max_topups: int = Field(2, ge=0)  # extra sampling rounds per step at most
+
+    def resolve(self, key: str) -> Any:
+        """The value in effect: the field if set, else the estimator's default."""
+        value = getattr(self, key)
+        return ESTIMATOR_DEFAULTS[self.estimator][key] if value is None else value
 
 
 class RolloutConfig(Section):
@@ -157,13 +195,17 @@ class Config(Section):
         bad = {k: w for k, w in self.reward.functions.items() if not math.isfinite(w)}
         if bad:
             raise ValueError(f"reward.functions weights must be finite numbers, got {bad}")
-        if algo.scale_rewards and algo.group_size < 2:
+        if algo.resolve("scale_rewards") and algo.group_size < 2 and algo.estimator != "dr_grpo":
             raise ValueError("algo.group_size=1 with algo.scale_rewards=true: the std of one sample is "
                              "undefined; use group_size >= 2 or scale_rewards=false")
         if algo.margin_clip is not None and min(algo.margin_clip) < 0:
             raise ValueError(f"algo.margin_clip bounds are magnitudes >= 0, got {algo.margin_clip}")
-        if algo.kl_beta > 0 and algo.estimator in ("aapo", "gpg"):
-            raise ValueError(f"algo.kl_beta applies to grpo/dr_grpo; AAPO has no KL term (spec section 4)")
+        if algo.resolve("kl_beta") > 0 and algo.estimator in NO_KL_ESTIMATORS:
+            raise ValueError("algo.kl_beta applies to grpo/dr_grpo; AAPO has no KL term (spec section 4), "
+                             "nor have aapo_no_margin and gpg")
+        if algo.gpg_valid_threshold > 0 and algo.estimator != "gpg":
+            raise ValueError(f"algo.gpg_valid_threshold tops up GPG batches; algo.estimator={algo.estimator} "
+                             f"would ignore it (set algo.estimator=gpg or leave it 0)")
         if roll.backend == "sglang" and roll.gpus_per_replica <= 0:
             raise ValueError("rollout.backend=sglang needs rollout.gpus_per_replica > 0 (SGLang runs on GPUs)")
         if (roll.prompts_per_step * algo.group_size) % learn.num_learners:
@@ -259,5 +301,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
 
 
 def dump_config(cfg: Config) -> str:
-    """The resolved config as YAML (written into every run directory)."""
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    """The resolved config as YAML (written into every run directory): estimator defaults are
+    written out (``algo.loss_agg: null`` becomes the value that ran), so the file reloads as is."""
+    raw = cfg.model_dump(mode="json")
+    raw["algo"].update({k: cfg.algo.resolve(k) for k in ESTIMATOR_DEFAULTS[cfg.algo.estimator]})
+    return yaml.safe_dump(raw, sort_keys=False)

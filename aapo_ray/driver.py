@@ -16,8 +16,8 @@ import torch
 from tqdm.auto import tqdm
 
 from aapo_ray import checkpoint as ckpt
-from aapo_ray.algo import advantage_diagnostics, get_estimator
-from aapo_ray.collect import collect_scored
+from aapo_ray.algo import advantage_diagnostics, get_estimator, gpg_alpha, loss_weights
+from aapo_ray.collect import collect_scored, gpg_topup
 from aapo_ray.config import Config, dump_config
 from aapo_ray.data import PromptSampler
 from aapo_ray.evaluation import evaluate
@@ -78,15 +78,23 @@ def train(cfg: Config, *, run_dir: str | Path | None = None, resume: bool = Fals
                 batches, counters, faults = collect_scored(requests, scorers)
                 rollouts = concat(batches[0])
                 ref_batch = concat(batches[1]) if reference else None
+                topup = {}
+                if cfg.algo.gpg_valid_threshold > 0:  # GPG's beta_th: more prompt groups while too few vary
+                    rollouts, topup = gpg_topup(cfg, rollouts, policy, scorers, train_prompts, sampler,
+                                                step_seed(cfg.run.seed, step, "policy"), counters)
+                    recovery.sampled(step)  # the top-up drew more prompts
                 t_rollout = time.perf_counter()
 
                 rewards = torch.tensor(column_numpy(rollouts, "reward"))
                 ref_rewards = torch.tensor(_aligned_rewards(rollouts, ref_batch)) if reference else None
-                advantages = estimator.advantages(rewards, ref_rewards, cfg.algo.group_size,
-                                                  scale_rewards=cfg.algo.scale_rewards, margin_clip=cfg.algo.margin_clip)
-                batch = learner_batch(rollouts, advantages)
-                tokens = int(np.diff(batch.column("completion_ids").offsets.to_numpy()).sum())
-                denominator = estimator.loss_denominator(tokens, batch.num_rows, cfg.rollout.max_new_tokens)
+                advantages = estimator.advantages(rewards, ref_rewards, cfg.algo.group_size, margin_clip=cfg.algo.margin_clip,
+                                                  scale_rewards=cfg.algo.resolve("scale_rewards"))
+                lengths = np.diff(rollouts.column("completion_ids").offsets.to_numpy())
+                weights, denominator = loss_weights(cfg.algo.resolve("loss_agg"), lengths, cfg.algo.group_size,
+                                                    cfg.rollout.max_new_tokens)
+                batch = learner_batch(rollouts, advantages, loss_weight=weights)
+                if estimator.name == "gpg":
+                    topup["gpg/alpha"] = gpg_alpha(rewards, cfg.algo.group_size)
                 t_adv = time.perf_counter()
 
                 recovery.updating()  # from here until the checkpoint the learner state is ahead of the log
@@ -100,7 +108,7 @@ def train(cfg: Config, *, run_dir: str | Path | None = None, resume: bool = Fals
                                                 cfg.algo.margin_clip if estimator.name == "aapo" else None),
                         **rollout_stats(rollouts, ref_batch, counters),
                         **{f"learner/{k}": v for k, v in learner_metrics.items()},
-                        **faults, "faults/learner_restarts": recovery.learner_restarts,
+                        **topup, **faults, "faults/learner_restarts": recovery.learner_restarts,
                         "faults/policy_replica_restarts": policy.restarted_replicas,
                         "time/generate_s": generate_seconds(batches[0]),
                         "time/ref_generate_s": generate_seconds(batches[1]) if reference else 0.0,

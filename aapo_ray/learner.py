@@ -36,6 +36,7 @@ from aapo_ray.weights import bucket_metadata, bucket_parameters, broadcast_bucke
 
 CHECKPOINT_TAG = "deepspeed"  # engine.save_checkpoint(path, tag) writes path/deepspeed/...
 REQUIRED_COLUMNS = ("prompt_ids", "completion_ids", "advantage")
+LOSS_WEIGHT = "loss_weight"  # optional per-sequence weight w_i of algo.loss_weights (absent: all ones)
 
 
 class LearnerError(RuntimeError):
@@ -77,6 +78,9 @@ def check_rows(batch: pa.RecordBatch, cfg: Config, *, whole_step: bool = False) 
     bad = int((~np.isfinite(column_numpy(batch, "advantage"))).sum())
     if bad:
         raise ValueError(f"{bad} of {batch.num_rows} advantages are NaN or infinite")
+    weights = column_numpy(batch, LOSS_WEIGHT) if LOSS_WEIGHT in batch.schema.names else np.zeros(0)
+    if not (np.isfinite(weights) & (weights >= 0)).all():
+        raise ValueError(f"{LOSS_WEIGHT} must be finite and >= 0")
 
 
 def lr_lambda(schedule: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
@@ -192,23 +196,27 @@ class LearnerActor:
         self.gas = accumulation_steps(self.cfg)
         self.estimator = get_estimator(algo.estimator)
         self.ref_model = None
-        if algo.kl_beta > 0:  # frozen initial policy for the grpo / dr_grpo KL term
+        if algo.resolve("kl_beta") > 0:  # frozen initial policy for the grpo / dr_grpo KL term
             self.ref_model = _load_model(self.cfg, self.model_path)[0].to(self.device)
             self.ref_model.train(False).requires_grad_(False)
             if lc.bf16 and lc.gpus_per_learner > 0:
                 self.ref_model.to(torch.bfloat16)
         return {"rank": self.rank, "torch_threads": torch.get_num_threads()}
 
-    def _loss_kwargs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float) -> dict:
+    def _loss_kwargs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, micro: pa.RecordBatch,
+                     temperature: float) -> dict:
         algo = self.cfg.algo
-        if self.estimator.loss is not grpo_loss:  # aapo / gpg take no extra arguments
-            return {}
-        kwargs = {"clip_eps": algo.clip_eps}
+        kwargs = {}
+        if LOSS_WEIGHT in micro.schema.names:  # per-sequence weights of algo.loss_agg
+            kwargs["weights"] = torch.from_numpy(column_numpy(micro, LOSS_WEIGHT).astype(np.float32)).to(self.device)
+        if self.estimator.loss is not grpo_loss:  # aapo / gpg take no more arguments
+            return kwargs
+        kwargs["clip_eps"] = algo.clip_eps
         if self.ref_model is not None:
             with torch.no_grad():
                 kwargs.update(ref_logprobs=policy_logprobs(self.ref_model, input_ids, attention_mask, temperature,
                                                            self.cfg.learner.logprob_chunk_tokens),
-                              kl_beta=algo.kl_beta)
+                              kl_beta=algo.resolve("kl_beta"))
         return kwargs
 
     def train_step(self, batch: pa.RecordBatch, loss_denominator: float) -> dict[str, float]:
@@ -232,7 +240,7 @@ class LearnerActor:
             # the LM head in chunks: no [tokens x vocabulary] float32 logits for the whole micro-batch
             logprobs = policy_logprobs(self.engine, ids, attn, temperature, self.cfg.learner.logprob_chunk_tokens)
             loss = self.estimator.loss(logprobs, mask, adv, num_tokens=float(loss_denominator),
-                                       **self._loss_kwargs(ids, attn, temperature))
+                                       **self._loss_kwargs(ids, attn, micro, temperature))
             self.engine.backward(loss * scale)
             if self.cfg.learner.zero_stage == 0 and first + mbs >= batch.num_rows:
                 grad_norm = self._reduced_grad_norm()  # DeepSpeed reports none without ZeRO

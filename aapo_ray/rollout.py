@@ -106,12 +106,15 @@ def column_numpy(batch: pa.RecordBatch, name: str) -> np.ndarray:
 LEARNER_COLUMNS = ("prompt_ids", "completion_ids", "advantage")  # what a learner reads
 
 
-def learner_batch(rollouts: pa.RecordBatch, advantages, temperature: float | None = None) -> pa.RecordBatch:
-    """The rows as the learners take them: token ids and ``advantage`` only, with the sampling
-    temperature in the metadata (the generators' own, unless ``temperature`` is given)."""
+def learner_batch(rollouts: pa.RecordBatch, advantages, temperature: float | None = None,
+                  loss_weight=None) -> pa.RecordBatch:
+    """The rows as the learners take them: token ids, ``advantage`` and (if given) the per-sequence
+    ``loss_weight`` of ``algo.loss_agg``, with the sampling temperature in the metadata (the
+    generators' own, unless ``temperature`` is given)."""
     if temperature is None:
         temperature = sampling_temperature(rollouts)
-    batch = with_columns(rollouts.select(list(LEARNER_COLUMNS[:-1])), advantage=advantages)
+    extra = {} if loss_weight is None else {"loss_weight": loss_weight}
+    batch = with_columns(rollouts.select(list(LEARNER_COLUMNS[:-1])), advantage=advantages, **extra)
     return batch.replace_schema_metadata({"temperature": repr(float(temperature))})
 
 

@@ -1,4 +1,4 @@
-"""Does AAPO beat the baselines? AAPO vs GRPO vs GPG (AAPO without margin) vs Dr.GRPO.
+"""Does AAPO beat the baselines? AAPO vs GRPO vs GPG vs AAPO without margin vs Dr.GRPO.
 
 Synthetic arithmetic task, binary accuracy reward, the embedded warm-started model, the same step
 budget, lr and sampling for every estimator, 3 seeds (``run.seed``: prompt order, sampling and
@@ -28,11 +28,11 @@ import numpy as np
 
 import _common as C
 
-ESTIMATORS = ["aapo", "grpo", "gpg", "dr_grpo"]
+ESTIMATORS = ["aapo", "grpo", "gpg", "aapo_no_margin", "dr_grpo"]
 KEEP = {"step", "eval/accuracy", "eval/reward", "reward_mean", "zero_variance_group_frac", "zero_advantage_frac",
         "advantage_abs_mean", "margin_mean", "margin_clipped_low_frac", "margin_clipped_high_frac", "ref_reward_mean",
         "completion_len_mean", "learner/loss", "learner/grad_norm", "time/step_s", "time/eval_s"}  # per-step keys saved
-COLORS = {"aapo": "#c44e52", "grpo": "#4c72b0", "gpg": "#55a868", "dr_grpo": "#8172b2"}
+COLORS = {"aapo": "#c44e52", "grpo": "#4c72b0", "gpg": "#55a868", "aapo_no_margin": "#ccb974", "dr_grpo": "#8172b2"}
 
 
 def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
@@ -148,8 +148,7 @@ def plot(result: dict) -> None:
             x, ys = curves[0][0][:n], np.array([c[1][:n] for c in curves])
             if key != "eval/accuracy":
                 x, ys = _smooth(x, ys)
-            style = {"ls": "--"} if est == "gpg" else {}  # on-policy GRPO = GPG: the curves coincide
-            ax.plot(x, np.median(ys, axis=0), color=COLORS.get(est), label=est + (" (= grpo)" if est == "gpg" else ""), **style)
+            ax.plot(x, np.median(ys, axis=0), color=COLORS.get(est), label=est)
             if len(ys) > 1:
                 ax.fill_between(x, ys.min(axis=0), ys.max(axis=0), color=COLORS.get(est), alpha=0.12)
         ax.set(title=title, xlabel="step")

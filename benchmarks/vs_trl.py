@@ -132,7 +132,9 @@ def main() -> None:
     print(f"{P} prompts x G={G} = {n} completions/step, max_new_tokens={payload['max_new_tokens']}, lr={lr}, "
           f"{steps} steps, {rounds} rounds; TRL torch threads {args.trl_threads}, ours 1 per actor")
     t0 = time.perf_counter()
-    arms_fn = {"ours_grpo": lambda r: ours({**shared, "algo.estimator": "grpo"}, n)}
+    # TRL runs beta=0 and loss_type=dapo here: pin ours to the same (grpo's published defaults are a KL and seq mean)
+    grpo_as_trl = {"algo.estimator": "grpo", "algo.kl_beta": 0.0, "algo.loss_agg": "token_mean"}
+    arms_fn = {"ours_grpo": lambda r: ours({**shared, **grpo_as_trl}, n)}
     arms_fn.update({f"trl_grpo_t{t}": lambda r, t=t: trl({**payload, "threads": t}, n) for t in args.trl_threads})
     arms_fn["ours_aapo"] = lambda r: ours({**shared, "algo.estimator": "aapo"}, n)
     runs = C.interleave(arms_fn, rounds)

@@ -30,6 +30,13 @@ def test_defaults_validate_and_round_trip(tmp_path):
     (["rollout.prompts_per_step=3", "algo.group_size=3", "learner.num_learners=2"], "do not split evenly"),
     (["rollout.backend=sglang"], "needs rollout.gpus_per_replica > 0"),
     (["algo.kl_beta=0.1"], "AAPO has no KL term"),
+    (["algo.kl_beta=0.1", "algo.estimator=gpg"], "nor have aapo_no_margin and gpg"),
+    (["algo.kl_beta=0.1", "algo.estimator=aapo_no_margin"], "nor have aapo_no_margin and gpg"),
+    (["algo.los_agg=token_mean"], "algo.los_agg: unknown key; did you mean 'loss_agg'?"),
+    (["algo.loss_agg=seq_mean"], "algo.loss_agg"),
+    (["algo.estimator=ppo"], "algo.estimator"),
+    (["algo.gpg_valid_threshold=0.6"], "algo.estimator=aapo would ignore it"),
+    (["algo.gpg_valid_threshold=1.5", "algo.estimator=gpg"], "algo.gpg_valid_threshold"),
     (["learner.bf16=true"], "needs GPUs"),
     (["reward.functions={nope: 1}"], "reward.functions.nope"),
     (["reward.functions={'no_such_pkg.mod:fn': 1}"], "no_such_pkg"),
@@ -65,3 +72,30 @@ def test_cli_rejects_invalid_config_before_starting_anything():
 def test_check_config_prints_the_resolved_config(capsys):
     assert main(["check-config", "algo.estimator=grpo"]) == 0
     assert "estimator: grpo" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("estimator, scale, agg, beta", [
+    ("aapo", True, "token_mean", 0.0), ("aapo_no_margin", True, "token_mean", 0.0), ("gpg", False, "token_mean", 0.0),
+    ("grpo", True, "seq_mean_token_mean", 0.04), ("dr_grpo", False, "seq_mean_token_sum_norm", 0.0)])
+def test_estimator_defaults_resolve_and_explicit_values_win(tmp_path, estimator, scale, agg, beta):
+    from aapo_ray.config import dump_config
+
+    cfg = load_config(None, [f"algo.estimator={estimator}"])
+    assert (cfg.algo.scale_rewards, cfg.algo.loss_agg, cfg.algo.kl_beta) == (None, None, None)  # "not set"
+    assert [cfg.algo.resolve(k) for k in ("scale_rewards", "loss_agg", "kl_beta")] == [scale, agg, beta]
+    # the run directory's config.yaml holds the values that ran, and reloads to them
+    (tmp_path / "c.yaml").write_text(dump_config(cfg))
+    again = load_config(tmp_path / "c.yaml")
+    assert (again.algo.scale_rewards, again.algo.loss_agg, again.algo.kl_beta) == (scale, agg, beta)
+    mine = load_config(None, [f"algo.estimator={estimator}", "algo.loss_agg=group_token_mean", "algo.scale_rewards=false"])
+    assert mine.algo.resolve("loss_agg") == "group_token_mean" and mine.algo.resolve("scale_rewards") is False
+    assert load_config(None, ["algo.estimator=grpo", "algo.kl_beta=0"]).algo.resolve("kl_beta") == 0.0
+
+
+def test_compute_matched_grpo_arm():
+    """GRPO with 2G samples per prompt generates what AAPO generates with G policy + G reference samples."""
+    from aapo_ray.config import STUDY_ARMS
+
+    aapo, grpo = load_config(), load_config(None, STUDY_ARMS["grpo_compute_matched"])
+    assert grpo.algo.estimator == "grpo" and grpo.completions_per_step == 2 * aapo.completions_per_step
+    assert load_config(None, STUDY_ARMS["grpo_compute_matched"] + ["learner.num_learners=2"])

@@ -70,3 +70,59 @@ def test_a_run_the_cluster_cannot_hold_fails_before_any_actor(ray_cluster):
     with pytest.raises(ValueError, match=r"CPU: need 13\.25, cluster has 8"):
         check_cluster_fits(cfg)
     check_cluster_fits(load_config())  # the default run fits the test cluster
+
+
+def test_gpg_topup_samples_more_groups_until_the_valid_share_is_reached(monkeypatch):
+    """GPG's beta_th with stand-ins for the generator, scorers and sampler (no Ray): hand-made rewards."""
+    import numpy as np
+    import pyarrow as pa
+
+    from aapo_ray import driver
+    from aapo_ray.rollout import make_rollout_batch, with_columns
+
+    def rollout(rewards, tag):
+        n = len(rewards)
+        b = make_rollout_batch(prompt_ids=[[5]] * n, completion_ids=[[tag, i] for i in range(n)], prompt_id=np.arange(n) // 2,
+                               group_index=np.arange(n) // 2, sample_index=np.arange(n) % 2, prompt=[""] * n,
+                               completion=[""] * n, gold=[""] * n, finish_reason=["stop"] * n, weight_version=0)
+        return with_columns(b, reward=rewards)
+
+    rounds = [rollout([1.0, 0.0, 0.0, 0.0, 1.0, 1.0], 101), rollout([0.0, 1.0, 1.0, 1.0, 0.0, 0.0], 102)]
+    seeds = []
+
+    class Policy:
+        def sampling(self, seed):
+            seeds.append(seed)
+            return seed
+
+        def chunks(self, prompts, n, params):
+            return prompts
+
+    class Sampler:
+        calls = 0
+
+        def next_batch(self):
+            Sampler.calls += 1
+            return [0, 1, 2]
+
+    monkeypatch.setattr(driver, "collect_scored", lambda requests, scorers: ([[rounds.pop(0)]], [{"score_s": 0.1}], {}))
+    cfg = load_config(None, ["algo.estimator=gpg", "algo.gpg_valid_threshold=0.6", "algo.group_size=2",
+                             "rollout.prompts_per_step=3"])
+    first = rollout([1.0, 1.0, 0.0, 1.0, 0.0, 0.0], 100)  # valid share 1/3 < 0.6
+    prompts = pa.record_batch({"x": [0, 1, 2]})
+    counters = []
+    out, stats = driver.gpg_topup(cfg, first, Policy(), None, prompts, Sampler(), 7, counters)
+    # groups: 0 [1,1]  1 [0,1]*  2 [0,0] | round 1: 3 [1,0]*  4 [0,0]  5 [1,1]  (* = rewards vary)
+    # -> valid 1, 3 first, then zero-variance 0 to fill 3 groups: share 2/3 >= 0.6, stop after one round
+    assert stats == {"gpg/topup_rounds": 1.0, "gpg/valid_share": pytest.approx(2 / 3)}
+    assert seeds == [7 + 250_007] and Sampler.calls == 1 and len(counters) == 1
+    assert out.column("reward").to_pylist() == [1.0, 1.0, 0.0, 1.0, 1.0, 0.0]
+    assert [c[0] for c in out.column("completion_ids").to_pylist()] == [100, 100, 100, 100, 101, 101]
+    assert out.column("group_index").to_pylist() == [0, 0, 1, 1, 2, 2] and out.num_rows == 6
+
+    # the cap: beta_th = 1 is never reached with one more round of zero-variance groups only
+    rounds[:] = [rollout([0.0] * 6, 103)]
+    cfg.algo.gpg_valid_threshold, cfg.algo.gpg_max_topups = 1.0, 1
+    out, stats = driver.gpg_topup(cfg, first, Policy(), None, prompts, Sampler(), 7, [])
+    assert stats == {"gpg/topup_rounds": 1.0, "gpg/valid_share": pytest.approx(1 / 3)}
+    assert [c[0] for c in out.column("completion_ids").to_pylist()] == [100] * 6  # groups 0, 1, 2 kept in order

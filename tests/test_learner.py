@@ -77,8 +77,9 @@ def exported_params(group, model_dir) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.named_parameters()}
 
 
-def reference_update(model_dir, cfg: Config, batch, more_batches=()):
-    """Plain single-process AdamW steps on full batches: (params, first loss, first pre-clip norm)."""
+def reference_update(model_dir, cfg: Config, batch, more_batches=(), denom=None):
+    """Plain single-process AdamW steps on full batches: (params, first loss, first pre-clip norm).
+    A ``loss_weight`` column weights each sequence's token sum (then ``denom`` is the D to use)."""
     from aapo_ray.learner import lr_lambda
 
     lc, algo = cfg.learner, cfg.algo
@@ -97,6 +98,9 @@ def reference_update(model_dir, cfg: Config, batch, more_batches=()):
             ref_lp = token_logprobs(ref_logits[:, :-1], ids[:, 1:], cfg.rollout.temperature)
             loss = grpo_loss(logprobs, mask, adv, clip_eps=algo.clip_eps, ref_logprobs=ref_lp,
                              kl_beta=algo.kl_beta, num_tokens=denominator(b))
+        elif "loss_weight" in b.schema.names:
+            loss = aapo_loss(logprobs, mask, adv, num_tokens=denom,
+                             weights=torch.from_numpy(b.column("loss_weight").to_numpy().copy()))
         else:
             loss = aapo_loss(logprobs, mask, adv, num_tokens=denominator(b))
         opt.zero_grad()
@@ -204,6 +208,28 @@ def test_grpo_with_kl_two_steps_match_torch(ray_cluster, model_dir):
         for b in batches:
             group.train_step(b, denominator(b))
         assert_params_close(exported_params(group, model_dir), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("agg", ["group_token_mean"])
+def test_loss_weight_column_two_learners_match_one_learner_and_torch(ray_cluster, model_dir, agg):
+    """algo.loss_agg through the loss_weight column: 2 learners x 2 micro-batches (3 + 1 rows, cutting
+    a group in two) and 1 learner x 3 micro-batches (3 + 3 + 2) both equal a full-batch torch step."""
+    from aapo_ray.algo import loss_weights
+    from aapo_ray.learner import LearnerGroup
+
+    batch = make_batch(4)
+    lengths = padded_tensors(batch, PAD)["completion_mask"].sum(1).numpy()
+    w, d = loss_weights(agg, lengths, GROUP, 8)
+    batch = with_columns(batch, loss_weight=w)
+    ref, ref_loss, ref_norm = reference_update(model_dir, make_cfg(2, 1), batch, denom=d)
+    plain, _, _ = reference_update(model_dir, make_cfg(2, 1), batch.drop_columns(["loss_weight"]))
+    assert max((plain[k] - ref[k]).abs().max().item() for k in ref) > 1e-4  # the weights change the update
+    for learners in (2, 1):
+        with LearnerGroup(make_cfg(learners, 1), model_dir) as group:
+            metrics = group.train_step(batch, d)
+            assert metrics["loss"] == pytest.approx(ref_loss, rel=1e-5)
+            assert metrics["grad_norm"] == pytest.approx(ref_norm, rel=1e-5)
+            assert_params_close(exported_params(group, model_dir), ref, atol=1e-5)
 
 
 def test_weight_export_gives_learner_logits(model_dir, group1):
