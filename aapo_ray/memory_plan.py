@@ -278,7 +278,7 @@ def plan_memory(cfg, gpu_memory_gb: float, arch: ModelArch | dict) -> MemoryPlan
     chunk = getattr(lc, "logprob_chunk_tokens", 1024)
     common = dict(micro_batch=min(lc.micro_batch_size, cfg.completions_per_step // lc.num_learners),
                   seq_len=roll.max_prompt_tokens + roll.max_new_tokens, zero_stage=lc.zero_stage,
-                  world=lc.num_learners, bf16=lc.bf16, offload=lc.offload_optimizer, kl_ref=cfg.algo.kl_beta > 0)
+                  world=lc.num_learners, bf16=lc.bf16, offload=lc.offload_optimizer, kl_ref=cfg.algo.resolve("kl_beta") > 0)
     parts = learner_parts(arch, checkpointing=ckpt, chunk_tokens=chunk, **common)
     roles = [RolePlan("learner", parts, budget_gb=gpu_memory_gb,
                       notes=[f"micro-batch {common['micro_batch']} x {common['seq_len']} tokens, ZeRO-{lc.zero_stage} "

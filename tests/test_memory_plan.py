@@ -11,6 +11,7 @@ import pytest
 
 from aapo_ray import memory_plan as mp
 from aapo_ray.config import ConfigError, load_config
+from aapo_ray.preflight import load_checked_config
 from aapo_ray.memory_plan import GiB, KNOWN_ARCHS, ModelArch, check_memory, plan_memory, resolve_arch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,7 +77,7 @@ def test_activation_formula_by_hand():
 
 
 def test_paper_7b_fits_only_with_checkpointing_and_chunking():
-    cfg = load_config(CONFIGS / "qwen2.5-math-7b-aapo.yaml")
+    cfg = load_config(CONFIGS / "qwen2.5-math-7b-aapo.yaml", ["learner.micro_batch_size=4"])  # the paper's
     plan = check_memory(with_learner(cfg, gradient_checkpointing=True, logprob_chunk_tokens=1024), 80.0, Q7)
     assert plan.fits and 55 < plan.role("learner").total_gb < 80
     with pytest.raises(ValueError) as err:
@@ -101,7 +102,7 @@ def test_paper_configs_fit_with_the_defaults(name):
 
 def test_absurd_micro_batch_is_refused_at_load_with_numbers():
     with pytest.raises(ConfigError) as err:  # config validation runs the planner: refused before any actor
-        load_config(CONFIGS / "qwen2.5-math-7b-aapo.yaml", ["learner.micro_batch_size=24"])
+        load_checked_config(CONFIGS / "qwen2.5-math-7b-aapo.yaml", ["learner.micro_batch_size=24"])
     msg = str(err.value)
     assert "learner: needs" in msg and "of a 80.0 GB budget" in msg
     assert "learner.micro_batch_size=12" in msg and "activations" in msg
@@ -109,7 +110,7 @@ def test_absurd_micro_batch_is_refused_at_load_with_numbers():
 
 def test_generator_without_room_for_one_sequence_is_refused():
     with pytest.raises(ConfigError, match="policy generator: KV cache .* cannot hold one 4096-token sequence"):
-        load_config(CONFIGS / "qwen2.5-math-7b-aapo.yaml", ["rollout.sglang_mem_fraction=0.18"])
+        load_checked_config(CONFIGS / "qwen2.5-math-7b-aapo.yaml", ["rollout.sglang_mem_fraction=0.18"])
 
 
 def test_cpu_runs_and_unknown_models_are_not_planned(tmp_path):
@@ -193,7 +194,7 @@ def test_stand_in_qwen2_equals_transformers():
 
 
 def test_kl_reference_is_counted_only_with_kl_beta():
-    cfg = load_config(CONFIGS / "qwen2.5-math-7b-grpo.yaml")
+    cfg = load_config(CONFIGS / "qwen2.5-math-7b-grpo.yaml", ["algo.kl_beta=0"])
     assert "KL reference model" not in plan_memory(cfg, 80.0, Q7).role("learner").parts
     kl = load_config(CONFIGS / "qwen2.5-math-7b-grpo.yaml", ["algo.kl_beta=0.04", "learner.micro_batch_size=2"])
     part = plan_memory(kl, 80.0, Q7).role("learner").parts["KL reference model"]
