@@ -37,13 +37,26 @@ class _Job:
     scored: tuple[ray.ObjectRef, ray.ObjectRef] | None = None
 
 
-def collect_scored(requests: list[tuple[GeneratorPool, list[Chunk]]], scorers: ScorerPool, *,
-                   max_attempts: int = 3) -> tuple[list[list[pa.RecordBatch]], list[dict], Counter]:
-    """Scored batches per pool (in chunk order), the scorers' counters, and fault counts."""
+def async_start(requests: list[tuple[GeneratorPool, list[Chunk]]], scorers: ScorerPool) -> list[list[_Job]]:
+    """Submit every chunk's generation and scoring; nothing is waited for (see :func:`finish`)."""
     jobs = [[_Job(pool, c, pool.async_submit(c, i)) for i, c in enumerate(chunks)] for pool, chunks in requests]
     flat = [job for per_pool in jobs for job in per_pool]
     for job, scored in zip(flat, scorers.async_score([j.generated for j in flat])):
         job.scored = scored
+    return jobs
+
+
+def collect_scored(requests: list[tuple[GeneratorPool, list[Chunk]]], scorers: ScorerPool, *,
+                   max_attempts: int = 3) -> tuple[list[list[pa.RecordBatch]], list[dict], Counter]:
+    """Scored batches per pool (in chunk order), the scorers' counters, and fault counts."""
+    return finish(async_start(requests, scorers), scorers, max_attempts=max_attempts)
+
+
+def finish(jobs: list[list[_Job]], scorers: ScorerPool, *, max_attempts: int = 3,
+           max_staleness: int = 0) -> tuple[list[list[pa.RecordBatch]], list[dict], Counter]:
+    """Wait for started jobs, retrying dead actors' chunks; a chunk sampled by weights more than
+    ``max_staleness`` versions behind its pool's (a restarted replica) is sampled again."""
+    flat = [job for per_pool in jobs for job in per_pool]
     faults: Counter = Counter()
     results: dict[int, tuple[pa.RecordBatch, dict]] = {}
     for attempt in range(1, max_attempts + 1):
@@ -52,7 +65,7 @@ def collect_scored(requests: list[tuple[GeneratorPool, list[Chunk]]], scorers: S
                 continue
             try:
                 batch, counters = ray.get(list(job.scored))
-                stale = int(batch.column("weight_version")[0].as_py()) != job.pool.version
+                stale = job.pool.version - int(batch.column("weight_version")[0].as_py()) > max_staleness
                 if stale:  # a replica restarted between weight sync and this call sampled the initial weights
                     if attempt == max_attempts:
                         raise RuntimeError(f"policy rollout chunk (groups from {job.chunk.first_group}) sampled "

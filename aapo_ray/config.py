@@ -121,6 +121,8 @@ class RolloutConfig(Section):
     # off, each engine draws from its own random_seed (distinct per role and replica), not reproducible
     sglang_deterministic: bool = False
     weight_sync: Literal["object_store", "nccl"] = "object_store"  # nccl: generators on their own GPUs (sglang)
+    # 1: sample step t+1 while the learners train step t (rows at most one weight version old); 0: on-policy
+    overlap: int = Field(0, ge=0, le=1)
 
 
 class LearnerConfig(Section):

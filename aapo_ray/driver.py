@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from aapo_ray import checkpoint as ckpt
 from aapo_ray.algo import advantage_diagnostics, get_estimator, gpg_alpha, loss_weights
-from aapo_ray.collect import collect_scored, gpg_topup
+from aapo_ray.collect import async_start, finish, gpg_topup
 from aapo_ray.config import Config, dump_config
 from aapo_ray.data import PromptSampler
 from aapo_ray.evaluation import evaluate
@@ -64,18 +64,24 @@ def train(cfg: Config, *, run_dir: str | Path | None = None, resume: bool = Fals
         if step == 0:
             metrics_log.log(0, evaluate(cfg, policy, scorers, eval_prompts))
         bar = tqdm(total=cfg.run.steps, initial=step, desc="aapo train", disable=not progress, unit="step")
+
+        def launch(s: int):  # draw step s's prompts, start its generation and scoring; returns the jobs
+            prompts = train_prompts.take(pa.array(sampler.next_batch()))
+            recovery.sampled(s)
+            requests = [(policy, policy.chunks(prompts, cfg.algo.group_size,
+                                               policy.sampling(step_seed(cfg.run.seed, s, "policy"))))]
+            if reference:
+                requests.append((reference, reference.chunks(prompts, cfg.algo.group_size, reference.sampling(
+                    step_seed(cfg.run.seed, s, "reference")))))
+            return async_start(requests, scorers)
+
+        pending = None  # the next step's jobs, started before this step trained (rollout.overlap=1)
         try:
             while step < cfg.run.steps:
                 step += 1
                 t0 = time.perf_counter()
-                prompts = train_prompts.take(pa.array(sampler.next_batch()))
-                recovery.sampled(step)
-                requests = [(policy, policy.chunks(prompts, cfg.algo.group_size,
-                                                   policy.sampling(step_seed(cfg.run.seed, step, "policy"))))]
-                if reference:
-                    requests.append((reference, reference.chunks(prompts, cfg.algo.group_size, reference.sampling(
-                        step_seed(cfg.run.seed, step, "reference")))))
-                batches, counters, faults = collect_scored(requests, scorers)
+                jobs, pending = pending or launch(step), None
+                batches, counters, faults = finish(jobs, scorers, max_staleness=cfg.rollout.overlap)
                 rollouts = concat(batches[0])
                 ref_batch = concat(batches[1]) if reference else None
                 topup = {}
@@ -95,6 +101,9 @@ def train(cfg: Config, *, run_dir: str | Path | None = None, resume: bool = Fals
                 batch = learner_batch(rollouts, advantages, loss_weight=weights)
                 if estimator.name == "gpg":
                     topup["gpg/alpha"] = gpg_alpha(rewards, cfg.algo.group_size)
+                staleness = (step - 1) - column_numpy(rollouts, "weight_version")  # versions behind the update
+                if cfg.rollout.overlap and step < cfg.run.steps:
+                    pending = launch(step + 1)  # sampled by these weights while the learners train
                 t_adv = time.perf_counter()
 
                 recovery.updating()  # from here until the checkpoint the learner state is ahead of the log
@@ -109,6 +118,7 @@ def train(cfg: Config, *, run_dir: str | Path | None = None, resume: bool = Fals
                         **rollout_stats(rollouts, ref_batch, counters),
                         **{f"learner/{k}": v for k, v in learner_metrics.items()},
                         **topup, **faults, "faults/learner_restarts": recovery.learner_restarts,
+                        "rollout/staleness_mean": float(staleness.mean()), "rollout/staleness_max": float(staleness.max()),
                         "faults/policy_replica_restarts": policy.restarted_replicas,
                         "time/generate_s": generate_seconds(batches[0]),
                         "time/ref_generate_s": generate_seconds(batches[1]) if reference else 0.0,
@@ -126,6 +136,7 @@ def train(cfg: Config, *, run_dir: str | Path | None = None, resume: bool = Fals
                     recovery.done_updating()
                 except LearnerError as exc:
                     learners, step = recovery.restart_learners(exc, step, learners)
+                    pending = None  # started with the dead group's weights, and its prompts are drawn again
                     metrics_log.truncate_after(step)
                     bar.n = step
                     continue

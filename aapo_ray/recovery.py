@@ -58,8 +58,10 @@ class Recovery:
         return step
 
     def sampled(self, step: int) -> None:
-        """``step``'s prompts were drawn: remember the sampler state a checkpoint of it must hold."""
-        self._sampler_after = {step - 1: self._sampler_after[step - 1], step: self.sampler.state_dict()}
+        """``step``'s prompts were drawn: remember the sampler state a checkpoint of it must hold (the
+        last three steps: with ``rollout.overlap`` the next step's prompts are drawn before this one is saved)."""
+        self._sampler_after[step] = self.sampler.state_dict()
+        self._sampler_after = {k: v for k, v in self._sampler_after.items() if k >= step - 2}
 
     def updating(self) -> None:
         self.in_update = True

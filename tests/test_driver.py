@@ -126,3 +126,20 @@ def test_gpg_topup_samples_more_groups_until_the_valid_share_is_reached(monkeypa
     out, stats = driver.gpg_topup(cfg, first, Policy(), None, prompts, Sampler(), 7, [])
     assert stats == {"gpg/topup_rounds": 1.0, "gpg/valid_share": pytest.approx(1 / 3)}
     assert [c[0] for c in out.column("completion_ids").to_pylist()] == [100] * 6  # groups 0, 1, 2 kept in order
+
+
+def test_overlap_trains_on_rows_at_most_one_version_old_and_resumes(full_run, tiny_model_path, tmp_path):
+    """rollout.overlap=1: step t+1 is sampled while the learners train step t, so its rows are exactly one
+    weight version old (the first step's are fresh); overlap=0 rows are never stale. A run resumes."""
+    assert all(r["rollout/staleness_max"] == 0 for r in read_metrics(full_run)[1:])
+    run_dir = tmp_path / "overlap"
+    train(small_config(tiny_model_path, tmp_path, **{"rollout.overlap": 1, "run.steps": 2}), run_dir=run_dir,
+          progress=False)
+    train(small_config(tiny_model_path, tmp_path, **{"rollout.overlap": 1}), run_dir=run_dir, resume=True,
+          progress=False)
+    rows = read_metrics(run_dir)
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
+    assert [r["rollout/staleness_max"] for r in rows[1:]] == [0, 1, 0, 1]  # step 3 starts fresh after the resume
+    assert all(r["rollout/staleness_mean"] == r["rollout/staleness_max"] for r in rows[1:])
+    for r in rows[1:]:
+        assert all(k in r for k in TRAIN_KEYS)
