@@ -111,8 +111,8 @@ def _fails(capsys, argv, *needles):
         assert needle in err, err
 
 
-def test_bad_input_exits_2_with_a_clear_message(capsys, tmp_path, tiny_model_path):
-    model = str(tiny_model_path)
+def test_bad_input_exits_2_with_a_clear_message(capsys, tmp_path):
+    model = str(tmp_path)  # each check fails before the model directory is opened
     _fails(capsys, [model, "--benchmarks", "math500,nosuchset"], "unknown benchmark 'nosuchset'", "aime24", "gsm8k")
     bad = tmp_path / "mine.jsonl"
     bad.write_text('{"problem": "1+1", "answer": "2"}\n{"problem": "2+2"}\n')
