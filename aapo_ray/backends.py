@@ -10,12 +10,14 @@ Pick one with :func:`make_backend`.
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import torch
 from transformers import GenerationConfig
 
 from aapo_ray.models import eos_token_ids, load_model_and_tokenizer
-from aapo_ray.sampling import Completions, SamplingParams, apply_stop
+from aapo_ray.sampling import Completions, SamplingParams, TokenScores, apply_stop
 from aapo_ray.sglang_backend import SGLangBackend
 from aapo_ray.weights import load_weight_buckets
 
@@ -77,6 +79,43 @@ class HFBackend:
         out = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device),
                                   generation_config=self.generation_config(params), streamer=streamer)
         return _truncate_at_eos(out[:, width:].cpu().numpy(), self.eos_ids)
+
+    @torch.no_grad()
+    def score(self, sequences: list[list[int]], starts: list[int], top_k: int,
+              max_tokens: int = 8192) -> list[TokenScores]:
+        """The model's own log-probs of each sequence's tokens from ``starts[i]`` (>= 1) on, and the ``top_k``
+        most likely tokens at those positions: ``log_softmax`` of the logits at temperature 1 (what the
+        OpenAI API and vLLM report, whatever the sampling temperature). No grad; right-padded batches (each
+        row's positions and attention as alone) of at most ``batch_size`` rows and ``max_tokens`` padded
+        tokens, with logits only from the earliest scored position on where the model allows it."""
+        out: list[TokenScores] = []
+        keeps = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+        b = 0
+        while b < len(sequences):
+            n = 1
+            while (b + n < len(sequences) and n < self.batch_size
+                   and (n + 1) * max(len(s) for s in sequences[b:b + n + 1]) <= max_tokens):
+                n += 1
+            rows, first = [list(s) for s in sequences[b:b + n]], starts[b:b + n]
+            if any(not 1 <= st <= len(s) for s, st in zip(rows, first)):
+                raise ValueError("score: every start must be in [1, len(sequence)]")
+            width = max(len(s) for s in rows)
+            ids = torch.full((n, width), self.tokenizer.pad_token_id or 0, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for i, s in enumerate(rows):
+                ids[i, :len(s)] = torch.as_tensor(s, dtype=torch.long)
+                mask[i, :len(s)] = 1
+            extra = {"logits_to_keep": width - min(first) + 1} if keeps else {}
+            logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **extra).logits
+            off = width - logits.shape[1]  # logits[:, j] are position off + j's
+            for s, st, row in zip(rows, first, logits):
+                logp = torch.log_softmax(row[st - 1 - off:len(s) - 1 - off].float(), dim=-1)
+                target = torch.as_tensor(s[st:], dtype=torch.long, device=logp.device)
+                top = torch.topk(logp, min(top_k, logp.shape[-1]), dim=-1)
+                out.append(TokenScores(st, logp.gather(1, target[:, None])[:, 0].cpu().numpy(),
+                                       top.indices.cpu().numpy(), top.values.cpu().numpy()))
+            b += n
+        return out
 
     def load_weights(self, buckets: list) -> int:
         return load_weight_buckets(self.model, buckets)

@@ -33,7 +33,8 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, namespa
     kwargs = dict(namespace=namespace, runtime_env={"env_vars": env}, log_to_driver=True)
     address = address or os.environ.get("RAY_ADDRESS")  # set inside `ray job submit` jobs
     if address is None:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", **kwargs)
+        # "local": always a new cluster of our own, never one a `ray start` left running on this machine
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", **kwargs)
     else:
         ray.init(address=address, **kwargs)
 

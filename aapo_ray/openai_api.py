@@ -15,8 +15,9 @@ from typing import Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 
 # Fields of the OpenAI API this server does not implement: a request that sets them gets a 400
-# rather than a silently different answer.
-UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "suffix", "logit_bias", "tools", "functions",
+# rather than a silently different answer. Only undeclared fields are checked: ``echo`` is a completions
+# field and ``top_logprobs`` a chat one (aapo_ray.serve_logprobs), so each is refused on the other route.
+UNSUPPORTED = ("top_logprobs", "echo", "suffix", "logit_bias", "tools", "functions",
                "tool_choice", "function_call", "response_format", "best_of")
 MAX_PROMPTS = 64  # prompts in one /v1/completions request
 
@@ -51,6 +52,8 @@ class _Request(BaseModel):
 
 class CompletionRequest(_Request):
     prompt: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
+    logprobs: StrictInt | None = None  # top alternatives per token (aapo_ray.serve_logprobs)
+    echo: StrictBool = False
 
 
 class TextPart(BaseModel):
@@ -72,6 +75,8 @@ class ChatMessage(BaseModel):
 class ChatRequest(_Request):
     messages: list[ChatMessage]
     max_completion_tokens: StrictInt | None = None
+    logprobs: StrictBool = False
+    top_logprobs: StrictInt | None = None
 
 
 AnyRequest = Union[CompletionRequest, ChatRequest]
@@ -133,9 +138,11 @@ def prompt_token_ids(req: AnyRequest, tokenizer, vocab: int, chat: bool) -> list
     return ids
 
 
-def resolve_max_tokens(req: AnyRequest, chat: bool, longest: int, context: int, limit: int) -> int:
+def resolve_max_tokens(req: AnyRequest, chat: bool, longest: int, context: int, limit: int,
+                       allow_zero: bool = False) -> int:
     """Tokens to generate: asked for (checked against ``limit`` and the context) or the default
-    (16 for completions as in OpenAI's API, the rest of the context up to ``limit`` for chat)."""
+    (16 for completions as in OpenAI's API, the rest of the context up to ``limit`` for chat).
+    ``allow_zero``: 0 is allowed (``echo``: score or return the prompt only)."""
     param = "messages" if chat else "prompt"
     if longest >= context:
         raise APIError(400, f"this model's maximum context length is {context} tokens; the prompt has "
@@ -145,8 +152,9 @@ def resolve_max_tokens(req: AnyRequest, chat: bool, longest: int, context: int, 
         asked = req.max_completion_tokens
     if asked is None:
         return min(limit, context - longest) if chat else min(16, context - longest)
-    if asked < 1 or asked > limit:
-        raise APIError(400, f"max_tokens must be between 1 and {limit}", param="max_tokens")
+    if asked < (0 if allow_zero else 1) or asked > limit:
+        raise APIError(400, f"max_tokens must be between {0 if allow_zero else 1} and {limit}"
+                       + ("" if allow_zero else " (0 only with echo)" if not chat else ""), param="max_tokens")
     if longest + asked > context:
         raise APIError(400, f"this model's maximum context length is {context} tokens; you asked for "
                        f"{longest + asked} ({longest} in the prompt, {asked} to generate)",
@@ -196,15 +204,15 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def completion_body(rid: str, model: str, choices: list[tuple[str, str]], prompt_tokens: int,
+def completion_body(rid: str, model: str, choices: list[tuple], prompt_tokens: int,
                     completion_tokens: int, chat: bool) -> dict:
-    """A whole response; ``choices`` are (text, finish_reason) in index order."""
+    """A whole response; ``choices`` are (text, finish_reason[, logprobs]) in index order."""
     if chat:
-        items = [{"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                  "finish_reason": why} for i, (text, why) in enumerate(choices)]
+        items = [{"index": i, "message": {"role": "assistant", "content": text}, "logprobs": lp[0] if lp else None,
+                  "finish_reason": why} for i, (text, why, *lp) in enumerate(choices)]
     else:
-        items = [{"index": i, "text": text, "logprobs": None, "finish_reason": why}
-                 for i, (text, why) in enumerate(choices)]
+        items = [{"index": i, "text": text, "logprobs": lp[0] if lp else None, "finish_reason": why}
+                 for i, (text, why, *lp) in enumerate(choices)]
     return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
             "model": model, "choices": items, "usage": usage(prompt_tokens, completion_tokens)}
 

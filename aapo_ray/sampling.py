@@ -26,6 +26,18 @@ class Completions:
     finish_reasons: list[str]  # "stop" (EOS or a stop string), "length"; never an aborted row
 
 
+@dataclass
+class TokenScores:
+    """The model's log-probs (temperature 1) of one sequence's tokens ``start..`` (``start >= 1``), each given
+    the tokens before it: ``logprobs[j]`` of token ``start + j``, and the ``top_ids`` / ``top_logprobs`` of
+    that position (``[n, k]``, most likely first)."""
+
+    start: int
+    logprobs: np.ndarray
+    top_ids: np.ndarray
+    top_logprobs: np.ndarray
+
+
 def apply_stop(rows, texts, reasons, stops, tokenizer):
     """Cut texts at the first stop string (re-tokenising the kept text for the ids)."""
     for i, text in enumerate(texts):

@@ -1,7 +1,8 @@
 """The Serve replica behind ``aapo serve``: one Ray Serve deployment, :class:`OpenAIServer`, a FastAPI
 ingress that owns a generation backend (:func:`aapo_ray.backends.make_backend`, ``hf`` tested; ``sglang`` passed through,
 GPU-only and unverified here). Routes: ``POST /v1/completions``, ``POST /v1/chat/completions``
-(both with ``stream: true`` as server-sent events), ``GET /v1/models``, ``GET /health``.
+(both with ``stream: true`` as server-sent events), ``GET /v1/models``, ``GET /health``. Log-probs
+(``logprobs``, ``top_logprobs``) and ``echo``: :mod:`aapo_ray.serve_logprobs`.
 
 Batching: every request goes through ``@serve.batch`` (an async-generator batch handler), so
 concurrent requests share ``generate`` calls; inside a batch, requests are grouped by identical
@@ -63,7 +64,8 @@ from aapo_ray.launch import setup_actor_process
 from aapo_ray.openai_api import (MAX_PROMPTS, APIError, ChatRequest, CompletionRequest, StreamText, chunk_body,
                                  completion_body, include_usage, model_card, models_body, new_id, parse_request,
                                  prompt_token_ids, resolve_max_tokens, sse, stop_strings, usage_chunk)
-from aapo_ray.sampling import SamplingParams
+from aapo_ray.sampling import Completions, SamplingParams
+from aapo_ray.serve_logprobs import LogprobRequest, choice, logprob_request, prompt_texts, score_rows
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +86,7 @@ class ServeOptions(BaseModel):
     batch_wait_timeout_s: float = Field(0.01, ge=0, description="seconds a batch waits to fill")
     max_tokens_limit: Optional[int] = Field(None, ge=1, description="largest max_tokens (default: the context)")
     max_n: int = Field(16, ge=1, description="largest n per request")
+    max_logprobs: int = Field(20, ge=0, description="largest logprobs / top_logprobs per request")
     max_body_bytes: int = Field(1 << 20, ge=1, description="larger request bodies get 413")
     body_timeout_s: float = Field(10.0, gt=0, description="a request body must arrive within this (else 408)")
     request_timeout_s: float = Field(300.0, gt=0, description="body + queue + generation per request (else 504)")
@@ -104,6 +107,8 @@ class Job:
     n: int
     params: Any  # backends.SamplingParams
     stream: bool
+    lp: LogprobRequest = LogprobRequest()  # logprobs / echo
+    texts: list[str] | None = None  # the prompts' texts, with echo
     started: bool = False  # set when its batch starts; before that, dropping the job is free
 
 
@@ -170,8 +175,13 @@ class OpenAIServer:
                                    batch_wait_timeout_s=o.batch_wait_timeout_s)(self._run_batch)
 
     # -------------------------------------------------------------------- generation
-    def _generate(self, prompts, params, streamer):
-        return self.backend.generate(prompts, params, **({"streamer": streamer} if streamer else {}))
+    def _generate(self, prompts, params, streamer, specs):
+        """(completions, per-row log-prob scores); ``max_tokens: 0`` (echo) generates nothing."""
+        if params.max_new_tokens == 0:
+            result = Completions([[] for _ in prompts], [""] * len(prompts), ["length"] * len(prompts))
+        else:
+            result = self.backend.generate(prompts, params, **({"streamer": streamer} if streamer else {}))
+        return result, score_rows(self.backend, prompts, result, specs)
 
     async def _run_batch(self, jobs: list[Job]):
         """Batch handler: yields, per step, a list with each job's new events (or StopIteration once done)."""
@@ -190,7 +200,8 @@ class OpenAIServer:
                         for i, _ in rows]
             queue: asyncio.Queue = asyncio.Queue()
             streamer = _RowStreamer(loop, queue) if self.can_stream and any(trackers) else None
-            future = loop.run_in_executor(self.pool, self._generate, prompts, params, streamer)
+            specs = [jobs[i].lp for i, _ in rows]
+            future = loop.run_in_executor(self.pool, self._generate, prompts, params, streamer, specs)
             future.add_done_callback(lambda _, q=queue: q.put_nowait(None))
             while (item := await queue.get()) is not None:
                 out: list = [StopIteration if f else [] for f in finished]
@@ -201,7 +212,7 @@ class OpenAIServer:
                     yield out
             out = [StopIteration if f else [] for f in finished]
             try:
-                result = future.result()
+                result, scores = future.result()
             except Exception as exc:  # a backend failure answers this group's requests, not the replica
                 log.exception("generation failed")
                 for i in idxs:
@@ -211,6 +222,8 @@ class OpenAIServer:
                     text, sent = result.texts[r], trackers[r].sent if trackers[r] else ""
                     if trackers[r] is not None and len(text) > len(sent) and text.startswith(sent):
                         out[i].append(("delta", c, text[len(sent):]))
+                    if scores[r] is not None:  # before "done": the choice's ids and log-probs
+                        out[i].append(("logprobs", c, result.token_ids[r], scores[r]))
                     out[i].append(("done", c, text, result.finish_reasons[r], len(result.token_ids[r])))
             yield out
             for i in idxs:
@@ -258,10 +271,12 @@ class OpenAIServer:
         prompts = prompt_token_ids(req, self.tokenizer, self.vocab, chat)
         if len(prompts) * req.n > MAX_PROMPTS:
             raise APIError(400, f"at most {MAX_PROMPTS} choices (prompts x n) per request", param="n")
-        max_tokens = resolve_max_tokens(req, chat, max(len(p) for p in prompts), self.context, self.max_tokens)
+        lp = logprob_request(req, chat, self.o.max_logprobs, hasattr(self.backend, "score"))
+        max_tokens = resolve_max_tokens(req, chat, max(len(p) for p in prompts), self.context, self.max_tokens,
+                                        allow_zero=lp.echo)
         params = SamplingParams(temperature=req.temperature, top_p=req.top_p, max_new_tokens=max_tokens,
                                 seed=req.seed, stop=stops)
-        return Job(prompts, req.n, params, req.stream)
+        return Job(prompts, req.n, params, req.stream, lp, prompt_texts(req, prompts, self.tokenizer) if lp.echo else None)
 
     def _timeout(self) -> APIError:
         return APIError(504, f"the request did not finish within request_timeout_s={self.o.request_timeout_s:g}s; "
@@ -317,13 +332,19 @@ class OpenAIServer:
         if job.stream:
             return StreamingResponse(self._stream(job, deadline, rid, chat, prompt_tokens, include_usage(req)),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        choices: dict[int, tuple[str, str]] = {}
+        choices: dict[int, tuple] = {}
+        scored: dict[int, tuple] = {}
         completion_tokens = 0
         async for event in self._events(job, deadline):
             if event[0] == "error":
                 raise APIError(500, event[1], type="server_error", code="generation_failed")
+            if event[0] == "logprobs":
+                scored[event[1]] = event[2:]
             if event[0] == "done":
-                choices[event[1]] = (event[2], event[3])
+                p = event[1] // job.n
+                text, logprobs = choice(self.tokenizer, job.lp, chat, job.prompts[p], job.texts and job.texts[p],
+                                        event[2], *scored.get(event[1], ((), None)))
+                choices[event[1]] = (text, event[3], logprobs)
                 completion_tokens += event[4]
         body = completion_body(rid, self.name, [choices[i] for i in sorted(choices)], prompt_tokens,
                                completion_tokens, chat)
@@ -334,6 +355,8 @@ class OpenAIServer:
         if chat:
             for c in range(len(job.prompts) * job.n):
                 yield sse(chunk_body(rid, self.name, c, chat, text="", role=True))
+        for c in range(len(job.prompts) * job.n if job.texts else 0):  # echo: the prompt first
+            yield sse(chunk_body(rid, self.name, c, chat, text=job.texts[c // job.n]))
         try:
             async for event in self._events(job, deadline):
                 if event[0] == "delta":
@@ -341,7 +364,7 @@ class OpenAIServer:
                 elif event[0] == "done":
                     completion_tokens += event[4]
                     yield sse(chunk_body(rid, self.name, event[1], chat, finish_reason=event[3]))
-                else:
+                elif event[0] == "error":
                     yield sse(APIError(500, event[1], type="server_error", code="generation_failed").body())
         except APIError as exc:  # e.g. the request timeout: the response has started, report in-band
             yield sse(exc.body())

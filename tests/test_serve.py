@@ -176,7 +176,7 @@ BAD = [
     ("/v1/completions", {"prompt": "1+1", "stream": "yes"}, 400, "stream"),
     ("/v1/completions", {"prompt": "1+1", "seed": 2**70}, 400, "seed"),
     ("/v1/completions", {"prompt": "1+1", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
-    ("/v1/completions", {"prompt": "1+1", "logprobs": 2}, 400, "logprobs"),
+    ("/v1/completions", {"prompt": "1+1", "logprobs": 21}, 400, "logprobs"),  # max_logprobs: 20
     ("/v1/completions", {"prompt": 12}, 400, "prompt"),
     ("/v1/completions", {"prompt": ""}, 400, "prompt"),
     ("/v1/completions", {"prompt": []}, 400, "prompt"),

@@ -127,20 +127,32 @@ def test_serve_replica_builds_the_engine_inside_a_running_loop(fake_env, tiny_mo
     monkeypatch.setattr(batching._BatchQueue, "_warn_if_max_batch_size_exceeds_max_ongoing_requests",
                         lambda self: None)
 
+    from aapo_ray.openai_api import APIError
+
     class Request:
         headers = {"content-type": "application/json"}
 
+        def __init__(self, **extra):
+            self.body = {"prompt": "Compute 1+2.\n", "max_tokens": 4, "temperature": 0, **extra}
+
         async def stream(self):
-            yield json.dumps({"prompt": "Compute 1+2.\n", "max_tokens": 4, "temperature": 0}).encode()
+            yield json.dumps(self.body).encode()
 
     async def replica():
         srv = OpenAIServer(tiny_model_path, "m", {"backend": "sglang"})  # as Serve does: inside its loop
-        response = await srv._complete(Request(), chat=False)
-        srv.backend.shutdown()
-        return json.loads(response.body)
+        try:
+            response = await srv._complete(Request(), chat=False)
+            echoed = await srv._complete(Request(echo=True, max_tokens=0), chat=False)
+            with pytest.raises(APIError) as refused:  # no scoring with sglang: log-probs are refused
+                await srv._complete(Request(logprobs=1), chat=False)
+        finally:
+            srv.backend.shutdown()
+        return json.loads(response.body), json.loads(echoed.body), refused.value
 
-    body = asyncio.run(replica())
+    body, echoed, refused = asyncio.run(replica())
     assert body["choices"][0]["finish_reason"] in ("stop", "length") and body["usage"]["completion_tokens"] >= 1
+    assert echoed["choices"][0]["text"] == "Compute 1+2.\n" and echoed["usage"]["completion_tokens"] == 0
+    assert (refused.status, refused.code, refused.param) == (400, "unsupported", "logprobs")
 
 
 @pytest.fixture(scope="module")
