@@ -77,7 +77,7 @@ def test_gpg_topup_samples_more_groups_until_the_valid_share_is_reached(monkeypa
     import numpy as np
     import pyarrow as pa
 
-    from aapo_ray import driver
+    from aapo_ray import collect
     from aapo_ray.rollout import make_rollout_batch, with_columns
 
     def rollout(rewards, tag):
@@ -105,13 +105,13 @@ def test_gpg_topup_samples_more_groups_until_the_valid_share_is_reached(monkeypa
             Sampler.calls += 1
             return [0, 1, 2]
 
-    monkeypatch.setattr(driver, "collect_scored", lambda requests, scorers: ([[rounds.pop(0)]], [{"score_s": 0.1}], {}))
+    monkeypatch.setattr(collect, "collect_scored", lambda requests, scorers: ([[rounds.pop(0)]], [{"score_s": 0.1}], {}))
     cfg = load_config(None, ["algo.estimator=gpg", "algo.gpg_valid_threshold=0.6", "algo.group_size=2",
                              "rollout.prompts_per_step=3"])
     first = rollout([1.0, 1.0, 0.0, 1.0, 0.0, 0.0], 100)  # valid share 1/3 < 0.6
     prompts = pa.record_batch({"x": [0, 1, 2]})
     counters = []
-    out, stats = driver.gpg_topup(cfg, first, Policy(), None, prompts, Sampler(), 7, counters)
+    out, stats = collect.gpg_topup(cfg, first, Policy(), None, prompts, Sampler(), 7, counters)
     # groups: 0 [1,1]  1 [0,1]*  2 [0,0] | round 1: 3 [1,0]*  4 [0,0]  5 [1,1]  (* = rewards vary)
     # -> valid 1, 3 first, then zero-variance 0 to fill 3 groups: share 2/3 >= 0.6, stop after one round
     assert stats == {"gpg/topup_rounds": 1.0, "gpg/valid_share": pytest.approx(2 / 3)}
@@ -123,7 +123,7 @@ def test_gpg_topup_samples_more_groups_until_the_valid_share_is_reached(monkeypa
     # the cap: beta_th = 1 is never reached with one more round of zero-variance groups only
     rounds[:] = [rollout([0.0] * 6, 103)]
     cfg.algo.gpg_valid_threshold, cfg.algo.gpg_max_topups = 1.0, 1
-    out, stats = driver.gpg_topup(cfg, first, Policy(), None, prompts, Sampler(), 7, [])
+    out, stats = collect.gpg_topup(cfg, first, Policy(), None, prompts, Sampler(), 7, [])
     assert stats == {"gpg/topup_rounds": 1.0, "gpg/valid_share": pytest.approx(1 / 3)}
     assert [c[0] for c in out.column("completion_ids").to_pylist()] == [100] * 6  # groups 0, 1, 2 kept in order
 
