@@ -75,7 +75,8 @@ def make_rollout_batch(*, prompt_ids: list, completion_ids: list, prompt_id, gro
 
 
 def with_columns(batch: pa.RecordBatch, **columns) -> pa.RecordBatch:
-    """Add or replace float32 columns (numpy / torch / lists); names may contain ``/``."""
+    """Add or replace float32 columns (numpy / torch / lists); names may contain ``/``. The schema
+    metadata (the generator's ``temperature``, ``generate_s``) is kept."""
     arrays = dict(zip(batch.schema.names, batch.columns))
     for name, values in columns.items():
         if hasattr(values, "detach"):  # a torch tensor
@@ -84,7 +85,7 @@ def with_columns(batch: pa.RecordBatch, **columns) -> pa.RecordBatch:
         if len(values) != batch.num_rows:
             raise ValueError(f"column {name!r} has {len(values)} values for {batch.num_rows} rows")
         arrays[name] = pa.array(values, type=pa.float32())
-    return pa.RecordBatch.from_pydict(arrays)
+    return pa.RecordBatch.from_pydict(arrays).replace_schema_metadata(batch.schema.metadata)
 
 
 def with_rewards(batch: pa.RecordBatch, per_function: dict[str, np.ndarray], total: np.ndarray) -> pa.RecordBatch:

@@ -92,10 +92,13 @@ def _peak(mode: str) -> dict:
 
 def test_chunked_peak_memory_is_lower():
     """Fresh processes; ru_maxrss is the process's peak RSS (KiB on Linux), net of a 1-token run."""
-    base = _peak("base")["delta_mb"]
-    full, chunked = _peak("full")["delta_mb"] - base, _peak("chunked")["delta_mb"] - base
-    print(f"peak RSS above baseline: full {full:.0f} MB, chunked {chunked:.0f} MB")
-    assert full > 250  # at least two float32 [B, T, V] copies of 131 MB each
+    for attempt in range(3):  # RSS read lower than the live tensors once, with the machine loaded: measure again
+        base = _peak("base")["delta_mb"]
+        full, chunked = _peak("full")["delta_mb"] - base, _peak("chunked")["delta_mb"] - base
+        print(f"peak RSS above baseline: full {full:.0f} MB, chunked {chunked:.0f} MB")
+        if full > 250:  # at least two float32 [B, T, V] copies of 131 MB each: the measurement sees them
+            break
+    assert full > 250
     assert chunked < full / 3
 
 
