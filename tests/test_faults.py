@@ -134,9 +134,16 @@ def _guard(errors, fn, *args, **kwargs):
         errors.append(repr(exc))
 
 
+def _default_sigint():
+    """A test runner started in the background of a non-interactive shell (``cmd &``) inherits SIGINT
+    ignored, and so would every process it starts: give the driver the Ctrl-C a terminal user has."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _aapo(*args, **popen):
     return subprocess.Popen([sys.executable, "-m", "aapo_ray", "train", "--no-progress", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, **popen)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            preexec_fn=_default_sigint, **popen)
 
 
 def _wait_for_step(run_dir, proc, step, timeout=600):
@@ -164,7 +171,7 @@ def _session_processes(sid):
 def test_a_swallowed_ctrl_c_is_still_seen():
     from aapo_ray.launch import interrupt_latch
 
-    before = signal.getsignal(signal.SIGINT)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # whatever the runner inherited
     with interrupt_latch() as interrupted:
         try:
             os.kill(os.getpid(), signal.SIGINT)
@@ -173,7 +180,8 @@ def test_a_swallowed_ctrl_c_is_still_seen():
         except KeyboardInterrupt:
             pass  # e.g. raised inside a finalizer, where Python drops it
         assert interrupted.is_set()
-    assert signal.getsignal(signal.SIGINT) is before
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    signal.signal(signal.SIGINT, before)
 
 
 @pytest.mark.parametrize("how", ["sigkill", "ctrl_c"])
