@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from aapo_ray.metrics import read_metrics
+from aapo_ray.metrics import read_metrics, save_figure
 
 
 class CompareError(ValueError):
@@ -177,12 +177,7 @@ def plot(bands: dict[str, dict], metric: str, by: str, out: Path) -> Path:
         if b["n"] > 1:
             ax.fill_between(b["steps"], b["low"], b["high"], color=line.get_color(), alpha=0.2)
     ax.set(xlabel="step", ylabel=metric, title=f"{metric} by {by}: mean and 95% CI over seeds")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return save_figure(fig, [ax], out)
 
 
 def _json_safe(value):

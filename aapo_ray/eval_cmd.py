@@ -39,6 +39,7 @@ from aapo_ray.eval_metrics import benchmark_metrics, paper_table
 from aapo_ray.eval_pipeline import SCORED_SCHEMA, build_dataset, problem_seed
 from aapo_ray.eval_sets import BENCHMARKS, PAPER_PROTOCOL, PAPER_SETS, EvalInputError, load_eval_set, parse_benchmarks
 from aapo_ray.launch import init_ray
+from aapo_ray.metrics import save_figure
 from aapo_ray.synthetic import PROMPT_TEMPLATE
 
 log = logging.getLogger(__name__)
@@ -195,12 +196,7 @@ def plot(results: dict, models: list[dict], titles: dict, out: Path) -> list[Pat
         ax.plot(ks, [res["pass@k"][str(k)] for k in ks], marker="o", ms=3, label=titles[name])
     ax.set(xlabel="k", ylabel="pass@k", title=f"pass@k: {last}", ylim=(0, 1.02))
     ax.set_xscale("log", base=2)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "pass_at_k.png", dpi=100)
-    plt.close(fig)
-    written.append(out / "pass_at_k.png")
+    written.append(save_figure(fig, [ax], out / "pass_at_k.png"))
     steps = [m for m in models if m["step"] is not None]
     if len(models) > 1 and len(steps) == len(models):
         fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -208,12 +204,7 @@ def plot(results: dict, models: list[dict], titles: dict, out: Path) -> list[Pat
             ax.plot([m["step"] for m in steps], [results[m["label"]][name]["avg@k"] for m in steps], marker="o",
                     ms=3, label=titles[name])
         ax.set(xlabel="step", ylabel="avg@k", title="accuracy by checkpoint", ylim=(0, 1.02))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "accuracy_vs_step.png", dpi=100)
-        plt.close(fig)
-        written.append(out / "accuracy_vs_step.png")
+        written.append(save_figure(fig, [ax], out / "accuracy_vs_step.png"))
     return written
 
 

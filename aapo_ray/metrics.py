@@ -82,13 +82,20 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
         if pts:
             axes[1].plot(*zip(*pts), label=label)
     axes[1].set(xlabel="step", title="where the learning signal is")
+    return save_figure(fig, axes, out)
+
+
+def save_figure(fig, axes, path: Path) -> Path:
+    """Grid and legend on every axis, tight layout, a 100-dpi PNG at ``path``; the figure is closed."""
+    import matplotlib.pyplot as plt  # heavy; the caller has already chosen the Agg backend
+
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
-    return out
+    return path
 
 
 def rollout_stats(rollouts: pa.RecordBatch, ref_batch: pa.RecordBatch | None, counters: list[dict]) -> dict:
