@@ -1,6 +1,8 @@
 """Shared fixtures: one real local Ray cluster per test session, and a tiny model directory."""
 
 import os
+import socket
+from contextlib import contextmanager
 
 import pytest
 
@@ -26,3 +28,27 @@ def tiny_model_path(tmp_path_factory):
 
     return default_model_path(tmp_path_factory.mktemp("models"), progress=False,
                               recipe={"sft": {"steps": 40}, "eval": {"n": 8}})
+
+
+@pytest.fixture(scope="session")
+def serve_app(ray_cluster):
+    """``with serve_app(model, app_name, **build_app_options) as url``: the real Serve application on a fresh
+    HTTP port of 127.0.0.1 (Serve restarted so its HTTP options are ours), shut down afterwards."""
+    from ray import serve
+
+    from aapo_ray.serve import build_app
+
+    @contextmanager
+    def deploy(model_path, app_name, **options):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        serve.shutdown()  # a Serve left by another module would keep its own HTTP options
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(model_path, **options), name=app_name, route_prefix="/")
+        try:
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            serve.shutdown()
+
+    return deploy

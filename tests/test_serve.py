@@ -22,26 +22,11 @@ BODY_TIMEOUT = 2.0
 APP = "aapo-serve-test"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def server(ray_cluster, tiny_model_path):
-    from ray import serve
-
-    from aapo_ray.serve import build_app
-
-    port = _free_port()
-    serve.shutdown()  # a Serve left by another module would keep its own HTTP options
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    app = build_app(tiny_model_path, name=NAME, api_key=KEY, max_body_bytes=BODY_LIMIT, max_batch_size=16,
-                    max_n=8, num_cpus=1, body_timeout_s=BODY_TIMEOUT)
-    serve.run(app, name=APP, route_prefix="/")
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
+def server(serve_app, tiny_model_path):
+    with serve_app(tiny_model_path, APP, name=NAME, api_key=KEY, max_body_bytes=BODY_LIMIT, max_batch_size=16,
+                   max_n=8, num_cpus=1, body_timeout_s=BODY_TIMEOUT) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ on a loglikelihood task built from the synthetic set (tests/fixtures/lm_eval_syn
 import glob
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,25 +20,11 @@ TOL = 1e-5
 FIXTURE = Path(__file__).parent / "fixtures" / "lm_eval_synthetic"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def server(ray_cluster, tiny_model_path):
-    from ray import serve
-
-    from aapo_ray.serve import build_app
-
-    port = _free_port()
-    serve.shutdown()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(tiny_model_path, name=NAME, max_batch_size=16, max_n=4, num_cpus=1,
-                        max_logprobs=MAX_LOGPROBS), name=APP, route_prefix="/")
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
+def server(serve_app, tiny_model_path):
+    with serve_app(tiny_model_path, APP, name=NAME, max_batch_size=16, max_n=4, num_cpus=1,
+                   max_logprobs=MAX_LOGPROBS) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
