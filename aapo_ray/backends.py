@@ -35,7 +35,7 @@ class HFBackend:
     def __init__(self, model, tokenizer, *, batch_size: int = 64):
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
         self.device = next(model.parameters()).device
-        self.eos_ids = eos_token_ids(model, tokenizer)
+        self.eos_ids = eos_token_ids(getattr(model, "generation_config", None), tokenizer)
         self.context_length = getattr(model.config, "max_position_embeddings", None)
 
     @classmethod

@@ -22,6 +22,9 @@ from aapo_ray.launch import setup_actor_process
 from aapo_ray.rollout import make_rollout_batch
 from aapo_ray.sampling import SamplingParams, chunk_seed, engine_seed
 
+FROZEN = "the reference pool is frozen: it never takes weights (AAPO spec section 1)"
+
+
 class GeneratorActor:
     """One generation replica (hf or sglang backend) holding a versioned copy of the weights."""
 
@@ -57,8 +60,7 @@ class GeneratorActor:
 
     def update_weights(self, buckets: list, version: int) -> int:
         """Copy learner weights (bucket ObjectRefs, resolved here) into the backend."""
-        if self.role == "reference":
-            raise RuntimeError("the reference pool is frozen: it never takes weights (AAPO spec section 1)")
+        self._check_takes_weights()
         buckets = [ray.get(b) if isinstance(b, ray.ObjectRef) else b for b in buckets]
         loaded = self.backend.load_weights(buckets)
         self.weight_version = version
@@ -71,11 +73,14 @@ class GeneratorActor:
 
     def receive_weights(self, metadata: list, group_name: str, version: int) -> int:
         """Receive rank 0's broadcast of ``metadata``'s buckets; the version advances only if all loaded."""
-        if self.role == "reference":
-            raise RuntimeError("the reference pool is frozen: it never takes weights (AAPO spec section 1)")
+        self._check_takes_weights()
         loaded = self.backend.load_weights_broadcast(metadata, group_name)
         self.weight_version = version
         return loaded
+
+    def _check_takes_weights(self) -> None:
+        if self.role == "reference":
+            raise RuntimeError(FROZEN)
 
     def logits(self, input_ids):
         return self.backend.logits(input_ids)

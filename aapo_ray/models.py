@@ -102,9 +102,10 @@ def load_model_and_tokenizer(path, *, trust_remote_code: bool = False, dtype=tor
 
 
 
-def eos_token_ids(model, tokenizer) -> list[int]:
-    """Every id that ends a completion: the generation config's EOS ids and the tokenizer's."""
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+def eos_token_ids(generation_config, tokenizer) -> list[int]:
+    """Every id that ends a completion: the generation config's EOS ids (a model may end on several)
+    and the tokenizer's."""
+    eos = getattr(generation_config, "eos_token_id", None)
     ids = list(eos) if isinstance(eos, (list, tuple)) else [eos] if eos is not None else []
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
         ids.append(tokenizer.eos_token_id)

@@ -7,7 +7,7 @@ margin compares each policy sample with the index-aligned sample of this frozen 
 from __future__ import annotations
 
 from aapo_ray.config import Config
-from aapo_ray.generator import GeneratorPool
+from aapo_ray.generator import FROZEN, GeneratorPool
 
 
 class ReferencePool(GeneratorPool):
@@ -19,4 +19,4 @@ class ReferencePool(GeneratorPool):
         super().__init__(cfg, model_path, replicas=cfg.rollout.reference_replicas)
 
     def update_weights(self, buckets, version):  # noqa: ARG002
-        raise RuntimeError("the reference pool is frozen: it never takes weights (AAPO spec section 1)")
+        raise RuntimeError(FROZEN)

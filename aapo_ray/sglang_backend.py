@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from transformers import AutoTokenizer, GenerationConfig
 
+from aapo_ray.models import eos_token_ids
 from aapo_ray.sampling import Completions, SamplingParams, apply_stop, row_seeds
 from aapo_ray.weights import unpack_bucket
 
@@ -63,7 +64,7 @@ class SGLangBackend:
         self.engine = self._call(sglang.Engine, model_path=model_path, dtype=dtype, mem_fraction_static=mem_fraction,
                                  random_seed=seed, skip_tokenizer_init=True, trust_remote_code=trust_remote_code,
                                  enable_deterministic_inference=deterministic)
-        self.eos_ids = _eos_ids(model_path, self.tokenizer)
+        self.eos_ids = eos_token_ids(_generation_config(model_path), self.tokenizer)
 
     def _call(self, fn, *args, **kwargs):
         """Run ``fn`` on the engine's thread (the thread whose event loop the engine captured)."""
@@ -154,14 +155,9 @@ class SGLangBackend:
         self._thread.shutdown()
 
 
-def _eos_ids(model_path: str, tokenizer) -> list[int]:
-    """The tokenizer's EOS and the generation config's (a model may end on several ids)."""
+def _generation_config(model_path: str) -> GenerationConfig | None:
     try:
-        eos = GenerationConfig.from_pretrained(model_path).eos_token_id
+        return GenerationConfig.from_pretrained(model_path)
     except OSError:  # no generation_config.json
-        eos = None
-    ids = list(eos) if isinstance(eos, (list, tuple)) else [eos] if eos is not None else []
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(tokenizer.eos_token_id)
-    return ids
+        return None
 
