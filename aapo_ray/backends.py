@@ -10,11 +10,13 @@ Pick one with :func:`make_backend`.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 
 import numpy as np
 import torch
-from transformers import GenerationConfig
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
 from aapo_ray.models import eos_token_ids, load_model_and_tokenizer
 from aapo_ray.sampling import Completions, SamplingParams, TokenScores, apply_stop
@@ -23,9 +25,10 @@ from aapo_ray.weights import load_weight_buckets
 
 
 # Processors a checkpoint's generation_config could switch on, each set to its neutral value: transformers
-# fills every setting left None from the model's generation_config.
+# fills every setting left None from the model's generation_config. (min_length is not passed: min_new_tokens=0
+# takes precedence over it, and passing both makes transformers warn on every call.)
 NEUTRAL_GENERATION = dict(repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0,
-                          min_length=0, min_new_tokens=0, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0,
+                          min_new_tokens=0, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0,
                           length_penalty=1.0, num_beams=1, num_return_sequences=1, renormalize_logits=False)
 
 
@@ -48,15 +51,23 @@ class HFBackend:
         return cls(model, tokenizer, batch_size=batch_size)
 
     @torch.no_grad()
-    def generate(self, prompt_ids: list[list[int]], params: SamplingParams, streamer=None) -> Completions:
+    def generate(self, prompt_ids: list[list[int]], params: SamplingParams, streamer=None,
+                 seeds: list[int] | None = None) -> Completions:
         """Sample every prompt (in batches of ``batch_size``). ``streamer`` (a transformers streamer)
-        sees each batch's tokens as they are generated; its ``end`` is called after each batch."""
-        if params.seed is not None:
+        sees each batch's tokens as they are generated; its ``end`` is called after each batch.
+
+        ``seeds`` (one per row): each row is sampled with its own generator, so its completion depends on
+        its prompt, its seed and ``params`` only, not on the other rows of the call (batch-invariant).
+        Without them, ``params.seed`` seeds torch's global generator once for the whole call."""
+        if seeds is not None and len(seeds) != len(prompt_ids):
+            raise ValueError(f"generate: {len(seeds)} seeds for {len(prompt_ids)} rows")
+        if params.seed is not None and seeds is None:
             torch.manual_seed(params.seed)
         rows: list[np.ndarray] = []
         reasons: list[str] = []
         for start in range(0, len(prompt_ids), self.batch_size):
-            ids, why = self._generate_batch(prompt_ids[start:start + self.batch_size], params, streamer)
+            ids, why = self._generate_batch(prompt_ids[start:start + self.batch_size], params, streamer,
+                                            None if seeds is None else seeds[start:start + self.batch_size])
             rows += ids
             reasons += why
         texts = self.tokenizer.batch_decode(rows, skip_special_tokens=True)
@@ -73,11 +84,15 @@ class HFBackend:
             top_p=params.top_p if sample else 1.0, top_k=0 if sample else None, min_p=0.0,
             **NEUTRAL_GENERATION)
 
-    def _generate_batch(self, prompts: list[list[int]], params: SamplingParams, streamer):
+    def _generate_batch(self, prompts: list[list[int]], params: SamplingParams, streamer, seeds: list[int] | None):
         input_ids, attention = left_pad(prompts, self.tokenizer.pad_token_id)
         width = input_ids.shape[1]
+        config, processors = self.generation_config(params), None
+        if seeds is not None and params.temperature > 0:  # greedy over the processor's one sampled token
+            config = self.generation_config(dataclasses.replace(params, temperature=0.0))
+            processors = LogitsProcessorList([RowSeededSampler(params, seeds, self.device)])
         out = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device),
-                                  generation_config=self.generation_config(params), streamer=streamer)
+                                  generation_config=config, logits_processor=processors, streamer=streamer)
         return _truncate_at_eos(out[:, width:].cpu().numpy(), self.eos_ids)
 
     @torch.no_grad()
@@ -124,6 +139,24 @@ class HFBackend:
         """Full-sequence logits (for checking weight sync)."""
         with torch.no_grad():
             return self.model(input_ids.to(self.device)).logits.float().cpu()
+
+
+class RowSeededSampler(LogitsProcessor):
+    """Temperature + top-p sampling (transformers' own warpers) with one ``torch.Generator`` per row, as a
+    logits processor that leaves only the drawn token for a greedy ``generate`` to take: row ``i``'s draws
+    come from ``seeds[i]`` alone, whatever else is in the batch."""
+
+    def __init__(self, params: SamplingParams, seeds: list[int], device):
+        warpers = [TemperatureLogitsWarper(params.temperature)]
+        if params.top_p < 1.0:
+            warpers.append(TopPLogitsWarper(params.top_p))
+        self.warpers = LogitsProcessorList(warpers)
+        self.generators = [torch.Generator(device=device).manual_seed(int(s) % 2**64) for s in seeds]
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+        probs = self.warpers(input_ids, scores).float().softmax(dim=-1)
+        drawn = torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, self.generators)])
+        return torch.full_like(scores, float("-inf")).scatter_(1, drawn[:, None], 0.0)
 
 
 def make_backend(kind: str, model_path: str, *, trust_remote_code: bool = False, dtype: str = "float32",

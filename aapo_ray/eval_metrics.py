@@ -117,7 +117,8 @@ def paper_table(rows: list[tuple[str, dict[str, dict]]], titles: dict[str, str],
     percent: the paper's sets in its order, then the others), then ``avg`` over the paper's sets evaluated."""
     present = {name for _, res in rows for name in res}
     cols = [b for b in paper_sets if b in present] + sorted(present - set(paper_sets), key=list(titles).index)
-    lines = ["| model | " + " | ".join(titles[c] for c in cols) + " | avg |",
+    avg_name = "avg" if set(cols) <= set(paper_sets) else "avg (paper sets)"
+    lines = ["| model | " + " | ".join(titles[c] for c in cols) + f" | {avg_name} |",
              "|---|" + "---|" * (len(cols) + 1)]
     for label, res in rows:
         paper = [res[c]["avg@k"] for c in cols if c in paper_sets and c in res]

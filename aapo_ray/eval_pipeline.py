@@ -8,10 +8,11 @@ actors scoring with :class:`aapo_ray.reward.BatchScorer` (math-verify in bounded
 final answer -> the driver iterates the output batches (``iter_batches``: streamed, never all in memory)
 and appends them to ``samples.parquet``.
 
-Seeds: each problem's k samples are drawn in one call seeded with :func:`problem_seed` (the base seed,
-the benchmark and the problem's index), so on the hf backend a sample does not depend on how Ray batches
-the problems or on the number of actors. SGLang samples a batch in one call (throughput); it is
-reproducible only in its deterministic mode, with per-row seeds of the batch's first problem.
+Seeds: sample j of a problem is drawn with its own seed, ``row_seeds(problem_seed(...), k)[j]`` (the base
+seed, the benchmark and the problem's index), and every problem of a Ray Data batch is sampled in one
+engine call (throughput): on the hf backend a sample does not depend on how Ray batches the problems or on
+the number of actors (per-row generators); SGLang honours the per-row seeds in its deterministic mode. A
+seeded ``n=k`` request to ``aapo serve`` is sampled with the same row seeds.
 """
 
 from __future__ import annotations
@@ -29,14 +30,14 @@ from aapo_ray.backends import make_backend
 from aapo_ray.eval_metrics import final_answer
 from aapo_ray.launch import setup_actor_process
 from aapo_ray.reward import BatchScorer
-from aapo_ray.sampling import SamplingParams, chunk_seed
+from aapo_ray.sampling import SamplingParams, chunk_seed, row_seeds
 
 log = logging.getLogger(__name__)
 
 SAMPLE_SCHEMA = pa.schema([
     ("benchmark", pa.string()), ("problem_id", pa.int64()), ("sample", pa.int32()), ("prompt", pa.string()),
     ("completion", pa.string()), ("gold", pa.string()), ("length", pa.int32()), ("finish_reason", pa.string()),
-    ("seed", pa.int64()),
+    ("seed", pa.int64()), ("node", pa.string()),
 ])
 SCORED_SCHEMA = SAMPLE_SCHEMA.append(pa.field("correct", pa.float32())).append(pa.field("answer", pa.string()))
 
@@ -51,7 +52,9 @@ def _rows(batch: pa.Table) -> list[dict]:
 
 
 def _sample_table(problems: list[dict], completions: list[list[tuple[str, int, str]]]) -> pa.Table:
-    """k rows per problem: ``completions[i]`` = [(text, length, finish_reason)] of problem i."""
+    """k rows per problem: ``completions[i]`` = [(text, length, finish_reason)] of problem i; ``node``: the
+    Ray node that generated them (or asked the endpoint)."""
+    node = ray.get_runtime_context().get_node_id()
     cols = {f.name: [] for f in SAMPLE_SCHEMA}
     for p, outs in zip(problems, completions):
         for s, (text, length, why) in enumerate(outs):
@@ -61,6 +64,7 @@ def _sample_table(problems: list[dict], completions: list[list[tuple[str, int, s
             cols["completion"].append(text)
             cols["length"].append(int(length))
             cols["finish_reason"].append(why)
+            cols["node"].append(node)
     return pa.Table.from_pydict(cols, schema=SAMPLE_SCHEMA)
 
 
@@ -81,18 +85,21 @@ class Generate:
         return SamplingParams(temperature=self.temperature, top_p=self.top_p, max_new_tokens=max_new_tokens, seed=seed)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        """k rows per problem, every problem of the batch with the same budget in one engine call; row
+        ``(problem, j)`` is seeded ``row_seeds(problem's seed, k)[j]`` (see the module docstring)."""
         problems = _rows(batch)
-        if self.kind == "hf":  # one call per problem: its samples do not depend on the batch
-            outs = []
-            for p in problems:
-                done = self.backend.generate([p["prompt_ids"]] * self.k, self.params(p["max_new_tokens"], p["seed"]))
-                outs.append(list(zip(done.texts, [len(t) for t in done.token_ids], done.finish_reasons)))
-            return _sample_table(problems, outs)
-        width = min(p["max_new_tokens"] for p in problems)  # sglang: the whole batch in one call
-        done = self.backend.generate([p["prompt_ids"] for p in problems for _ in range(self.k)],
-                                     self.params(width, problems[0]["seed"]))
-        flat = list(zip(done.texts, [len(t) for t in done.token_ids], done.finish_reasons))
-        return _sample_table(problems, [flat[i * self.k:(i + 1) * self.k] for i in range(len(problems))])
+        outs: list = [None] * len(problems)
+        by_budget: dict[int, list[int]] = {}
+        for i, p in enumerate(problems):
+            by_budget.setdefault(int(p["max_new_tokens"]), []).append(i)
+        for budget, idx in by_budget.items():
+            done = self.backend.generate([problems[i]["prompt_ids"] for i in idx for _ in range(self.k)],
+                                         self.params(budget, problems[idx[0]]["seed"]),
+                                         seeds=[s for i in idx for s in row_seeds(problems[i]["seed"], self.k)])
+            flat = list(zip(done.texts, [len(t) for t in done.token_ids], done.finish_reasons))
+            for j, i in enumerate(idx):
+                outs[i] = flat[j * self.k:(j + 1) * self.k]
+        return _sample_table(problems, outs)
 
 
 def _has_gpu() -> bool:
@@ -102,7 +109,8 @@ def _has_gpu() -> bool:
 class EndpointGenerate:
     """Ray Data callable class: the same k samples per problem from an OpenAI-compatible server
     (``POST {url}/v1/completions`` with the prompt's token ids, ``n=k``, ``seed``), ``max_in_flight``
-    requests at a time per actor. Lengths are the completions re-tokenised with the local tokenizer."""
+    requests at a time per actor. Lengths are the completions re-tokenised with the local tokenizer (so a
+    final EOS, which a local engine counts, is not counted)."""
 
     def __init__(self, *, url: str, model_path: str, samples: int, temperature: float, top_p: float,
                  model_name: str | None = None, max_in_flight: int = 4, timeout_s: float = 600.0,

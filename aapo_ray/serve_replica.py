@@ -6,7 +6,10 @@ GPU-only and unverified here). Routes: ``POST /v1/completions``, ``POST /v1/chat
 
 Batching: every request goes through ``@serve.batch`` (an async-generator batch handler), so
 concurrent requests share ``generate`` calls; inside a batch, requests are grouped by identical
-sampling parameters and each group is one ``backend.generate`` call. Streaming is real and
+sampling parameters (the seed aside) and each group is one ``backend.generate`` call. Every choice is
+sampled with a seed of its own (``row_seeds(seed, choices)`` of a request's ``seed``, else random), so a
+seeded request's text does not depend on the requests it shares a batch with, and equals what
+``aapo eval`` samples locally for the same seed. Streaming is real and
 incremental with the ``hf`` backend: ``HFBackend.generate`` takes a batched streamer and each request's
 text is decoded as its tokens arrive, holding back a partial character or a possible stop-string
 prefix. The final text of every choice is ``backend.generate``'s own (EOS and stop handling
@@ -46,6 +49,7 @@ import hashlib
 import hmac
 import logging
 import os
+import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal, Optional
@@ -64,7 +68,7 @@ from aapo_ray.launch import setup_actor_process
 from aapo_ray.openai_api import (MAX_PROMPTS, APIError, ChatRequest, CompletionRequest, StreamText, chunk_body,
                                  completion_body, include_usage, model_card, models_body, new_id, parse_request,
                                  prompt_token_ids, resolve_max_tokens, sse, stop_strings, usage_chunk)
-from aapo_ray.sampling import Completions, SamplingParams
+from aapo_ray.sampling import Completions, SamplingParams, row_seeds
 from aapo_ray.serve_logprobs import LogprobRequest, choice, logprob_request, prompt_texts, score_rows
 
 log = logging.getLogger(__name__)
@@ -109,6 +113,7 @@ class Job:
     stream: bool
     lp: LogprobRequest = LogprobRequest()  # logprobs / echo
     texts: list[str] | None = None  # the prompts' texts, with echo
+    seeds: list[int] | None = None  # one per choice: row_seeds(request seed) or random
     started: bool = False  # set when its batch starts; before that, dropping the job is free
 
 
@@ -175,12 +180,12 @@ class OpenAIServer:
                                    batch_wait_timeout_s=o.batch_wait_timeout_s)(self._run_batch)
 
     # -------------------------------------------------------------------- generation
-    def _generate(self, prompts, params, streamer, specs):
+    def _generate(self, prompts, params, streamer, specs, seeds):
         """(completions, per-row log-prob scores); ``max_tokens: 0`` (echo) generates nothing."""
         if params.max_new_tokens == 0:
             result = Completions([[] for _ in prompts], [""] * len(prompts), ["length"] * len(prompts))
         else:
-            result = self.backend.generate(prompts, params, **({"streamer": streamer} if streamer else {}))
+            result = self.backend.generate(prompts, params, seeds=seeds, **({"streamer": streamer} if streamer else {}))
         return result, score_rows(self.backend, prompts, result, specs)
 
     async def _run_batch(self, jobs: list[Job]):
@@ -191,7 +196,7 @@ class OpenAIServer:
         finished = [False] * len(jobs)
         groups: dict[tuple, list[int]] = {}
         for i, job in enumerate(jobs):
-            groups.setdefault(dataclasses.astuple(job.params), []).append(i)
+            groups.setdefault(dataclasses.astuple(dataclasses.replace(job.params, seed=None)), []).append(i)
         for idxs in groups.values():
             rows = [(i, c) for i in idxs for c in range(len(jobs[i].prompts) * jobs[i].n)]
             prompts = [p for i in idxs for p in jobs[i].prompts for _ in range(jobs[i].n)]
@@ -201,7 +206,8 @@ class OpenAIServer:
             queue: asyncio.Queue = asyncio.Queue()
             streamer = _RowStreamer(loop, queue) if self.can_stream and any(trackers) else None
             specs = [jobs[i].lp for i, _ in rows]
-            future = loop.run_in_executor(self.pool, self._generate, prompts, params, streamer, specs)
+            seeds = [jobs[i].seeds[c] for i, c in rows]
+            future = loop.run_in_executor(self.pool, self._generate, prompts, params, streamer, specs, seeds)
             future.add_done_callback(lambda _, q=queue: q.put_nowait(None))
             while (item := await queue.get()) is not None:
                 out: list = [StopIteration if f else [] for f in finished]
@@ -276,7 +282,10 @@ class OpenAIServer:
                                         allow_zero=lp.echo)
         params = SamplingParams(temperature=req.temperature, top_p=req.top_p, max_new_tokens=max_tokens,
                                 seed=req.seed, stop=stops)
-        return Job(prompts, req.n, params, req.stream, lp, prompt_texts(req, prompts, self.tokenizer) if lp.echo else None)
+        choices = len(prompts) * req.n
+        seeds = row_seeds(req.seed, choices) if req.seed is not None else [secrets.randbits(63) for _ in range(choices)]
+        return Job(prompts, req.n, params, req.stream, lp, prompt_texts(req, prompts, self.tokenizer) if lp.echo else None,
+                   seeds)
 
     def _timeout(self) -> APIError:
         return APIError(504, f"the request did not finish within request_timeout_s={self.o.request_timeout_s:g}s; "

@@ -70,8 +70,15 @@ class SGLangBackend:
         """Run ``fn`` on the engine's thread (the thread whose event loop the engine captured)."""
         return self._thread.submit(fn, *args, **kwargs).result()
 
-    def generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> Completions:
-        seeds = row_seeds(params.seed, len(prompt_ids)) if self.deterministic else None
+    def generate(self, prompt_ids: list[list[int]], params: SamplingParams, seeds: list[int] | None = None) -> Completions:
+        """Sample every prompt in one engine call. ``seeds`` (one per row, deterministic mode only) replace
+        the per-row seeds derived from ``params.seed``."""
+        if seeds is not None and len(seeds) != len(prompt_ids):
+            raise ValueError(f"generate: {len(seeds)} seeds for {len(prompt_ids)} rows")
+        if not self.deterministic:
+            seeds = None
+        elif seeds is None:
+            seeds = row_seeds(params.seed, len(prompt_ids))
         rows: list = [None] * len(prompt_ids)
         reasons: list = [None] * len(prompt_ids)
         todo, aborts = list(range(len(prompt_ids))), []

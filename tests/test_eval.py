@@ -78,8 +78,10 @@ def test_paper_table_layout():
     res = {"math500": {"avg@k": 0.5}, "aime24": {"avg@k": 0.1}, "gsm8k": {"avg@k": 0.9}}
     titles = {b.name: b.title for b in BENCHMARKS.values()}
     table = paper_table([("m", res)], titles, PAPER_SETS).splitlines()
-    assert table[0] == "| model | AIME24 | MATH-500 | GSM8K | avg |"
+    assert table[0] == "| model | AIME24 | MATH-500 | GSM8K | avg (paper sets) |"
     assert table[2] == "| m | 10.0 | 50.0 | 90.0 | 30.0 |"  # avg over the paper's sets only
+    del res["gsm8k"]
+    assert paper_table([("m", res)], titles, PAPER_SETS).splitlines()[0] == "| model | AIME24 | MATH-500 | avg |"
 
 
 # ----------------------------------------------------------------------------- data
@@ -141,7 +143,7 @@ def test_pipeline_on_the_tiny_model_writes_results_samples_and_plot(ray_cluster,
     assert main(["eval", str(tiny_model_path), "--benchmarks", "amc23,gsm8k", "--limit", "4", "--samples", "2",
                  "--out", str(out), "--quiet", "--max-new-tokens", "16"]) == 0
     printed = capsys.readouterr().out
-    assert "| model | AMC23 | GSM8K | avg |" in printed
+    assert "| model | AMC23 | GSM8K | avg (paper sets) |" in printed
     results, samples = _load(out)
     assert samples.num_rows == 2 * 4 * 2
     assert {"benchmark", "problem_id", "sample", "prompt", "completion", "answer", "gold", "correct", "length",
@@ -207,3 +209,21 @@ def test_endpoint_mode_against_an_openai_compatible_server(ray_cluster, tiny_mod
     assert samples.num_rows == 6
     assert r["avg@k"] == pytest.approx(1 / 6) and r["pass@k"]["3"] == pytest.approx(0.5)
     assert r["maj@k"] == pytest.approx(0.0) and math.isclose(r["pass@k"]["1"], 1 / 6)
+
+
+def test_endpoint_mode_against_aapo_serve_matches_the_local_engines(ray_cluster, serve_app, tiny_model_path, tmp_path):
+    """The same seeded samples whether the model runs in eval's own generators or behind ``aapo serve``:
+    each problem's k samples are one seeded request (``n=k``), which Serve generates in one call."""
+    args = ["--benchmarks", "gsm8k", "--limit", "3", "--samples", "2", "--max-new-tokens", "24", "--quiet",
+            "--temperature", "1.0", "--top-p", "1.0"]
+    with serve_app(str(tiny_model_path), "eval-endpoint") as url:
+        assert main(["eval", str(tiny_model_path), "--endpoint", url, "--out", str(tmp_path / "served"), *args]) == 0
+    assert main(["eval", str(tiny_model_path), "--out", str(tmp_path / "local"), *args]) == 0
+    key = lambda r: (r["problem_id"], r["sample"])  # noqa: E731
+    served, local = (sorted(_load(tmp_path / d)[1].to_pylist(), key=key) for d in ("served", "local"))
+    assert len(served) == len(local) == 6
+    assert [r["completion"] for r in served] == [r["completion"] for r in local]
+    assert [r["finish_reason"] for r in served] == [r["finish_reason"] for r in local]
+    # lengths: the endpoint's are its text re-tokenised, without the EOS token the local count includes
+    assert [r["length"] + (r["finish_reason"] == "stop") for r in served] == [r["length"] for r in local]
+    assert len({r["completion"] for r in local}) > 1  # sampled, not one repeated string

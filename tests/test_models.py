@@ -137,6 +137,46 @@ def test_generation_batched_left_padding_matches_unbatched(quick_dir):
     assert generate_texts(model, tok, prompts * 4, 1.0, 6, seed=5) == a
 
 
+def test_row_seeded_sampling_does_not_depend_on_the_rest_of_the_batch(quick_dir):
+    """With one seed per row, a row's completion is a function of its prompt and seed alone: the same
+    alone, in a batch, in another order, split across generate batches."""
+    model, tok = load_model_and_tokenizer(quick_dir)
+    prompts = tok(["Compute 1+2.\n", "Compute 3+4-5+6+7.\n", "Compute 9.\n", "7"], add_special_tokens=False)["input_ids"]
+    rows, seeds = prompts * 2, [11, 12, 13, 14, 15, 16, 17, 18]
+    params = SamplingParams(temperature=1.0, top_p=0.95, max_new_tokens=10, seed=123)
+    together = HFBackend(model, tok).generate(rows, params, seeds=seeds)
+    alone = [HFBackend(model, tok).generate([r], params, seeds=[s]) for r, s in zip(rows, seeds)]
+    order = [5, 2, 7, 0, 3, 6, 1, 4]
+    shuffled = HFBackend(model, tok, batch_size=3).generate([rows[i] for i in order], params, seeds=[seeds[i] for i in order])
+    ids = [r.tolist() for r in together.token_ids]
+    assert ids == [a.token_ids[0].tolist() for a in alone]
+    assert [ids[i] for i in order] == [r.tolist() for r in shuffled.token_ids]
+    assert ids[:4] != ids[4:]  # same prompts, other seeds: other samples
+    with pytest.raises(ValueError, match="2 seeds for 8 rows"):
+        HFBackend(model, tok).generate(rows, params, seeds=seeds[:2])
+
+
+def test_row_seeded_sampling_draws_from_the_temperature_top_p_distribution(quick_dir):
+    """The first token of 4000 seeded rows against the model's own temperature + top-p distribution."""
+    model, tok = load_model_and_tokenizer(quick_dir)
+    prompt = tok("Compute 3+4-5+6+7.\n", add_special_tokens=False)["input_ids"]
+    t, top_p, n = 1.3, 0.9, 4000
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt])).logits[0, -1].float() / t
+    probs = logits.softmax(-1)
+    ranked = probs.sort(descending=True)
+    keep = ranked.indices[:int((ranked.values.cumsum(0) < top_p).sum()) + 1]  # the nucleus
+    want = torch.zeros_like(probs)
+    want[keep] = probs[keep] / probs[keep].sum()
+    assert len(keep) >= 3  # a distribution worth testing
+    out = HFBackend(model, tok, batch_size=1000).generate(
+        [prompt] * n, SamplingParams(temperature=t, top_p=top_p, max_new_tokens=1), seeds=list(range(n)))
+    got = torch.bincount(torch.tensor([int(r[0]) for r in out.token_ids]), minlength=len(probs)).float() / n
+    assert float(got[want == 0].sum()) == 0.0  # nothing outside the nucleus
+    tolerance = 4 * (want * (1 - want) / n).sqrt() + 1e-9
+    assert bool(((got - want).abs() <= tolerance).all()), (got[keep], want[keep])
+
+
 def test_a_checkpoints_generation_config_does_not_change_sampling(quick_dir, tmp_path):
     """Rollouts are temperature + top-p samples, whatever penalties or filters a checkpoint's
     generation_config asks for (the learner's log-probs model nothing else)."""
@@ -145,7 +185,7 @@ def test_a_checkpoints_generation_config_does_not_change_sampling(quick_dir, tmp
     params = [SamplingParams(temperature=t, top_p=1.0, max_new_tokens=12, seed=3) for t in (1.0, 0.0)]
     clean = [HFBackend(model, tok).generate(prompts, p) for p in params]
     for key, value in dict(repetition_penalty=1.5, top_k=3, min_p=0.3, no_repeat_ngram_size=1, typical_p=0.5,
-                           min_new_tokens=10, epsilon_cutoff=0.2).items():
+                           min_new_tokens=10, min_length=40, epsilon_cutoff=0.2).items():
         setattr(model.generation_config, key, value)
     poisoned = [HFBackend(model, tok).generate(prompts, p) for p in params]
     for a, b in zip(clean, poisoned):

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import sglang_contract as sc
 from aapo_ray.config import load_config
-from aapo_ray.sampling import SamplingParams, engine_seed
+from aapo_ray.sampling import SamplingParams, engine_seed, row_seeds
 from aapo_ray.weights import bucket_parameters
 
 FAKE = Path(__file__).parent / "fake_sglang"
@@ -80,6 +80,9 @@ def test_rows_get_their_own_seeds(backend, fake_env, tiny_model_path):
     assert len({tuple(r) for r in out.token_ids}) > 1  # the group has variance
     again = backend.generate(group, params)
     assert [r.tolist() for r in again.token_ids] == [r.tolist() for r in out.token_ids]  # and is reproducible
+    # explicit per-row seeds (aapo eval, aapo serve) replace the derived ones, row by row
+    seeded = backend.generate(group[:2], params, seeds=row_seeds(11, 6)[4:])
+    assert [r.tolist() for r in seeded.token_ids] == [r.tolist() for r in out.token_ids[4:]]
     assert len({engine_seed(0, role, replica) for role in ("policy", "reference") for replica in range(4)}) == 8
     free = SGLangBackend(tiny_model_path, seed=engine_seed(0, "policy", 0))  # not deterministic: no seeds sent
     try:
