@@ -46,23 +46,31 @@ def train(cfg: Config, *, run_dir: str | Path | None = None, resume: bool = Fals
     train_prompts, eval_prompts = load_prompts(cfg, model_path)
     if resume and ckpt.latest_checkpoint(run_dir) is None:
         raise FileNotFoundError(f"--resume {run_dir}: no complete checkpoint under {ckpt.checkpoints_root(run_dir)}")
+    started = time.perf_counter()
     init_ray(cfg.ray.address, num_cpus=cfg.ray.num_cpus, namespace=cfg.ray.namespace, torch_threads=cfg.run.torch_threads)
+    startup = {"time/ray_init_s": time.perf_counter() - started}
     check_cluster_fits(cfg)
     estimator = get_estimator(cfg.algo.estimator)
     sampler = PromptSampler(train_prompts.num_rows, cfg.rollout.prompts_per_step, seed=cfg.run.seed)
 
     with ExitStack() as roles:  # every actor this run starts is shut down on the way out
         interrupted = roles.enter_context(interrupt_latch())
-        policy = _started(roles, GeneratorPool(cfg, model_path))
-        reference = _started(roles, ReferencePool(cfg, model_path)) if estimator.needs_reference else None
-        scorers = _started(roles, ScorerPool(cfg))
+        # every role starts at once: the generators load while the learners build their engines
+        started = time.perf_counter()
+        policy = _started(roles, GeneratorPool(cfg, model_path, wait=False))
+        reference = _started(roles, ReferencePool(cfg, model_path, wait=False)) if estimator.needs_reference else None
+        scorers = _started(roles, ScorerPool(cfg, wait=False))
         learners = LearnerGroup(cfg, model_path)
         roles.callback(lambda: learners.shutdown())
+        for pool in (policy, reference, scorers):
+            if pool:
+                pool.wait_ready()
+        startup["time/roles_start_s"] = time.perf_counter() - started
         recovery = Recovery(run_dir, cfg, model_path, sampler, policy)
         step = recovery.start(learners, resume)
         metrics_log = MetricsLogger(run_dir, resume_step=step if resume else None)
         if step == 0:
-            metrics_log.log(0, evaluate(cfg, policy, scorers, eval_prompts))
+            metrics_log.log(0, {**evaluate(cfg, policy, scorers, eval_prompts), **startup})
         bar = tqdm(total=cfg.run.steps, initial=step, desc="aapo train", disable=not progress, unit="step")
 
         def launch(s: int):  # draw step s's prompts, start its generation and scoring; returns the jobs

@@ -33,13 +33,14 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from aapo_ray.checkpoint import STATE, complete_checkpoints, resolve_model_dir
-from aapo_ray.config import DataConfig
+from aapo_ray.config import DataConfig, load_config
 from aapo_ray.data import render_prompts
 from aapo_ray.eval_metrics import benchmark_metrics, paper_table
 from aapo_ray.eval_pipeline import SCORED_SCHEMA, build_dataset, problem_seed
 from aapo_ray.eval_sets import BENCHMARKS, PAPER_PROTOCOL, PAPER_SETS, EvalInputError, load_eval_set, parse_benchmarks
 from aapo_ray.launch import init_ray
 from aapo_ray.metrics import save_figure
+from aapo_ray.preflight import resolve_model_path
 from aapo_ray.synthetic import PROMPT_TEMPLATE
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,8 @@ def models_to_evaluate(args: argparse.Namespace) -> list[dict]:
                 raise EvalInputError(f"--all-checkpoints: {args.model} has no complete checkpoint "
                                      f"(checkpoints/step_N with {STATE})")
             models = [{"label": ck.name, "dir": ck / "hf", "step": int(ck.name[len("step_"):])} for ck in done]
+            if models[0]["step"] > 0 and (initial := initial_model(run_dir)) is not None:
+                models.insert(0, {"label": "step_0", "dir": initial, "step": 0})
         else:
             model_dir, name = resolve_model_dir(args.model, args.checkpoint)
             step = model_dir.parent.name[len("step_"):] if model_dir.name == "hf" else None
@@ -103,6 +106,18 @@ def models_to_evaluate(args: argparse.Namespace) -> list[dict]:
             raise EvalInputError(f"{m['dir']}: no model weights ({' / '.join(WEIGHT_FILES)}); "
                                  "is the checkpoint complete?")
     return models
+
+
+def initial_model(run_dir: Path) -> Path | None:
+    """The model a run started from (its ``model.path``; the embedded default resolved), if it is a local
+    directory: the warm start its checkpoints are compared against."""
+    if not (run_dir / "config.yaml").is_file():
+        return None
+    try:
+        path = Path(resolve_model_path(load_config(run_dir / "config.yaml")))
+    except (ValueError, FileNotFoundError) as exc:
+        raise EvalInputError(f"{run_dir / 'config.yaml'}: {exc}") from None
+    return path if path.is_dir() else None
 
 
 def run_config(model_arg: str) -> DataConfig | None:
@@ -304,9 +319,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("model", metavar="MODEL_OR_RUN", help="HF model directory or run directory")
     which = p.add_argument_group("what to evaluate")
     which.add_argument("--checkpoint", help="step_N of a run directory (default: latest complete)")
-    which.add_argument("--all-checkpoints", action="store_true", help="every complete checkpoint of the run")
-    which.add_argument("--benchmarks", help=f"comma-separated: {', '.join(BENCHMARKS)} or a .jsonl path with "
-                                            f"problem/answer fields (default: all six; paper protocol: the paper's five)")
+    which.add_argument("--all-checkpoints", action="store_true",
+                       help="every complete checkpoint of the run, and the model it started from (step_0)")
+    which.add_argument("--benchmarks", help=f"comma-separated: {', '.join(BENCHMARKS)}, synthetic:<split>[:<n>] "
+                                            f"(the embedded task) or a .jsonl path with problem/answer fields "
+                                            f"(default: all six; paper protocol: the paper's five)")
     which.add_argument("--limit", type=int, help="first N problems of each set")
     which.add_argument("--protocol", choices=("paper", "custom"), default="custom",
                        help="paper: T=0.6, top_p=0.95, 3584 new tokens, 1 sample, the paper's five sets")

@@ -87,6 +87,8 @@ def parse_benchmarks(spec: str) -> list[EvalSet]:
         key = ALIASES.get(item.lower(), item.lower())
         if key in BENCHMARKS:
             out.append(EvalSet(key, BENCHMARKS[key].title, key, True))
+        elif item.startswith("synthetic:"):  # the embedded model's own task, e.g. its held-out split
+            out.append(EvalSet(item.replace(":", "-"), item, item, False))
         elif item.endswith((".jsonl", ".json")) or os.sep in item:
             if not os.path.isfile(item):
                 raise EvalInputError(f"--benchmarks: {item}: no such file (a user's set is a .jsonl file "
@@ -94,8 +96,9 @@ def parse_benchmarks(spec: str) -> list[EvalSet]:
             stem = Path(item).name.split(".")[0]
             out.append(EvalSet(stem, stem, item, False))
         else:
-            raise EvalInputError(f"--benchmarks: unknown benchmark {item!r}; known: {', '.join(ALL_SETS)} "
-                                 f"(or a path to a .jsonl file with {USER_FIELDS[0]!r} and {USER_FIELDS[1]!r} fields)")
+            raise EvalInputError(f"--benchmarks: unknown benchmark {item!r}; known: {', '.join(ALL_SETS)}, "
+                                 f"synthetic:<split>[:<n>] (the embedded task), or a path to a .jsonl file with "
+                                 f"{USER_FIELDS[0]!r} and {USER_FIELDS[1]!r} fields")
     names = [s.name for s in out]
     if not out:
         raise EvalInputError("--benchmarks: no benchmark named")
@@ -108,6 +111,8 @@ def load_eval_set(item: EvalSet, limit: int | None = None) -> PromptDataset:
     """The problems of ``item`` (the first ``limit``); a bad row of a user's file raises EvalInputError
     naming the file and the row (:func:`aapo_ray.data.load_prompt_dataset` with ``bad_rows="fail"``)."""
     try:
+        if item.source.startswith("synthetic:"):
+            return load_prompt_dataset(item.source, limit=limit)
         if not item.builtin:
             return load_prompt_dataset(item.source, fmt="raw", question_field=USER_FIELDS[0],
                                        answer_field=USER_FIELDS[1], bad_rows="fail", limit=limit)

@@ -106,13 +106,20 @@ class GeneratorPool:
 
     role = "policy"
 
-    def __init__(self, cfg: Config, model_path: str, replicas: int | None = None):
+    def __init__(self, cfg: Config, model_path: str, replicas: int | None = None, *, wait: bool = True):
+        """Start the replicas; ``wait=False`` returns at once (call :meth:`wait_ready` before use), so that
+        the driver starts every role concurrently."""
         self.cfg, self.model_path = cfg, model_path
         self._latest: tuple[list | None, int] = ([], 0)  # (weight bucket refs, version) last pushed; None: broadcast
         self.broadcast_group = False  # the replicas joined learner rank 0's weight-update group (aapo_ray.weight_sync)
         self.restarted_replicas = 0  # replicas found behind the latest weights (Ray restarted them)
         self._turn = itertools.count()
         self.actors = [self._new_actor(i) for i in range(replicas or cfg.rollout.policy_replicas)]
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
+        """Block until every replica has loaded its model (an actor's start-up error is raised here)."""
         ray.get([a.ready.remote() for a in self.actors])
 
     def _new_actor(self, replica: int):

@@ -15,8 +15,8 @@ class ReferencePool(GeneratorPool):
 
     role = "reference"
 
-    def __init__(self, cfg: Config, model_path: str):
-        super().__init__(cfg, model_path, replicas=cfg.rollout.reference_replicas)
+    def __init__(self, cfg: Config, model_path: str, *, wait: bool = True):
+        super().__init__(cfg, model_path, replicas=cfg.rollout.reference_replicas, wait=wait)
 
     def update_weights(self, buckets, version):  # noqa: ARG002
         raise RuntimeError(FROZEN)

@@ -50,11 +50,16 @@ class RewardScorer:
 class ScorerPool:
     """``reward.num_scorers`` actors, batches assigned round-robin by ObjectRef (no driver copy)."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, *, wait: bool = True):
         self.cfg = cfg
         self.actors = [self._new_actor() for _ in range(cfg.reward.num_scorers)]
-        ray.get([a.ready.remote() for a in self.actors])
         self._next = itertools.cycle(range(len(self.actors)))
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
+        """Block until every scorer actor has started."""
+        ray.get([a.ready.remote() for a in self.actors])
 
     def _new_actor(self):
         resources = self.cfg.ray.role_resources.get("scorer", {})

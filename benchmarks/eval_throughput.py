@@ -5,11 +5,13 @@ Arm ``training``: a :class:`aapo_ray.generator.GeneratorPool` (one replica, the 
 as training steps do. Arm ``eval``: the Ray Data pipeline of ``aapo eval``
 (:func:`aapo_ray.eval_pipeline.build_dataset`: one generator actor, one scorer actor, math-verify
 scoring included). Both on the embedded model, same prompts (synthetic test problems), same sampling
-(T=1, top_p=1, the training max_new_tokens), one torch thread per actor. Generated tokens per second of
-wall time; the eval arm is timed from its first output batch (steady state, after its actors loaded) and
-also end to end. Arms are interleaved (training, eval, training, eval, ...) and the ratios are per round.
+(T=1, top_p=1, the training max_new_tokens), one torch thread per actor, and the same rows per engine call
+(a Ray Data batch holds ``rollout.prompts_per_step`` problems unless ``--problems-per-batch`` says
+otherwise). Generated tokens per second of wall time; the eval arm is timed from its first output batch to
+its last (steady state: its actors loaded, the first batch's tokens not counted) and also end to end
+(actor start-up included). Arms are interleaved (training, eval, training, eval, ...); ratios per round.
 
-Usage: python benchmarks/eval_throughput.py [--problems 512] [--samples 4] [--rounds 3]
+Usage: python benchmarks/eval_throughput.py [--problems 512] [--samples 4] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -68,11 +70,12 @@ def eval_arm(model_path: str, probs: list[dict], k: int, per_batch: int) -> dict
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
         n = sum(batch.column("length").to_pylist())
         tokens += n
+        last = time.perf_counter()
         if first is None:
-            first = time.perf_counter()
+            first = last
         else:
             after_first += n
-    end = time.perf_counter()
+    end = last
     return {"tokens": tokens, "wall_s": end - start, "tokens_per_s": tokens / (end - start),
             "steady_tokens_per_s": after_first / max(end - first, 1e-9)}
 
@@ -81,8 +84,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--problems", type=int, default=512)
     ap.add_argument("--samples", type=int, default=4)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--problems-per-batch", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--problems-per-batch", type=int, help="default: rollout.prompts_per_step")
     a = ap.parse_args()
     import ray
 
@@ -93,6 +96,7 @@ def main() -> None:
     model_path = C.model_dir("embedded")
     probs = problems(a.problems, model_path)
     cfg = C.config({"run.torch_threads": 1})
+    a.problems_per_batch = a.problems_per_batch or cfg.rollout.prompts_per_step
     pool = GeneratorPool(cfg, model_path, replicas=1)
     res = C.interleave({"training": lambda r: training_arm(pool, probs, a.samples, cfg.rollout.prompts_per_step),
                         "eval": lambda r: eval_arm(model_path, probs, a.samples, a.problems_per_batch)}, a.rounds)

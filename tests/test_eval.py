@@ -5,16 +5,20 @@ import http.server
 import itertools
 import json
 import math
+import shutil
 import threading
 
 import pyarrow.parquet as pq
 import pytest
+import yaml
 from math_verify import parse
 
 from aapo_ray.cli import main
 from aapo_ray.eval_cmd import render_for, run_config
 from aapo_ray.eval_metrics import benchmark_metrics, final_answer, majority_vote, paper_table, pass_at_k
+from aapo_ray.eval_pipeline import problem_seed
 from aapo_ray.eval_sets import ALL_SETS, BENCHMARKS, PAPER_SETS, EvalInputError, load_eval_set, parse_benchmarks
+from aapo_ray.sampling import row_seeds
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -172,13 +176,15 @@ def test_pipeline_on_the_tiny_model_writes_results_samples_and_plot(ray_cluster,
 
 
 class _FakeOpenAI(http.server.BaseHTTPRequestHandler):
+    """Answers 27 to the requests seeded with ``seeds_of_27``, else 1; reports no usage."""
     requests: list = []
+    seeds_of_27: set = set()
 
     def do_POST(self):  # noqa: N802 - http.server's name
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         type(self).requests.append((self.path, body))
-        choices = [{"index": i, "text": f"so \\boxed{{{27 if i == 0 else 1}}}", "finish_reason": "stop"}
-                   for i in range(body["n"])]
+        answer = 27 if body["seed"] in self.seeds_of_27 else 1
+        choices = [{"index": i, "text": f"so \\boxed{{{answer}}}", "finish_reason": "stop"} for i in range(body["n"])]
         data = json.dumps({"choices": choices}).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -191,6 +197,7 @@ class _FakeOpenAI(http.server.BaseHTTPRequestHandler):
 
 
 def test_endpoint_mode_against_an_openai_compatible_server(ray_cluster, tiny_model_path, tmp_path):
+    _FakeOpenAI.seeds_of_27 = {row_seeds(problem_seed(0, "amc23", i), 3)[0] for i in range(2)}  # sample 0 of each
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FakeOpenAI)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
@@ -200,8 +207,10 @@ def test_endpoint_mode_against_an_openai_compatible_server(ray_cluster, tiny_mod
                      "--protocol", "paper"]) == 0
     finally:
         server.shutdown()
+    assert len(_FakeOpenAI.requests) == 6  # one request per sample, each with its own seed
+    assert len({body["seed"] for _, body in _FakeOpenAI.requests}) == 6
     path, body = _FakeOpenAI.requests[0]
-    assert path == "/v1/completions" and body["n"] == 3 and body["temperature"] == 0.6 and body["top_p"] == 0.95
+    assert path == "/v1/completions" and body["n"] == 1 and body["temperature"] == 0.6 and body["top_p"] == 0.95
     assert isinstance(body["prompt"][0], int) and isinstance(body["seed"], int) and body["max_tokens"] >= 1
     results, samples = _load(out)
     r = results["results"][next(iter(results["results"]))]["amc23"]
@@ -213,7 +222,7 @@ def test_endpoint_mode_against_an_openai_compatible_server(ray_cluster, tiny_mod
 
 def test_endpoint_mode_against_aapo_serve_matches_the_local_engines(ray_cluster, serve_app, tiny_model_path, tmp_path):
     """The same seeded samples whether the model runs in eval's own generators or behind ``aapo serve``:
-    each problem's k samples are one seeded request (``n=k``), which Serve generates in one call."""
+    each sample is one request seeded with its row seed, and Serve samples each choice with its own seed."""
     args = ["--benchmarks", "gsm8k", "--limit", "3", "--samples", "2", "--max-new-tokens", "24", "--quiet",
             "--temperature", "1.0", "--top-p", "1.0"]
     with serve_app(str(tiny_model_path), "eval-endpoint") as url:
@@ -224,6 +233,26 @@ def test_endpoint_mode_against_aapo_serve_matches_the_local_engines(ray_cluster,
     assert len(served) == len(local) == 6
     assert [r["completion"] for r in served] == [r["completion"] for r in local]
     assert [r["finish_reason"] for r in served] == [r["finish_reason"] for r in local]
-    # lengths: the endpoint's are its text re-tokenised, without the EOS token the local count includes
-    assert [r["length"] + (r["finish_reason"] == "stop") for r in served] == [r["length"] for r in local]
+    assert [r["length"] for r in served] == [r["length"] for r in local]  # the server's usage
     assert len({r["completion"] for r in local}) > 1  # sampled, not one repeated string
+
+
+def test_all_checkpoints_start_from_the_runs_initial_model_on_its_own_task(ray_cluster, tiny_model_path, tmp_path):
+    """``--all-checkpoints`` evaluates the model the run started from as step_0, then every checkpoint;
+    ``synthetic:test:N`` is the embedded task's held-out split, rendered as training rendered it."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_model_path, run / "checkpoints" / "step_3" / "hf")
+    (run / "checkpoints" / "step_3" / "state.json").write_text(json.dumps({"step": 3}))
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": {"path": str(tiny_model_path)}}))
+    out = tmp_path / "e"
+    assert main(["eval", str(run), "--all-checkpoints", "--benchmarks", "synthetic:test:6", "--samples", "2",
+                 "--max-new-tokens", "24", "--temperature", "0", "--out", str(out), "--quiet"]) == 0
+    results, samples = _load(out)
+    assert [m["label"] for m in results["models"]] == ["step_0", "step_3"]
+    assert results["models"][0]["dir"] == str(tiny_model_path)
+    res = results["results"]
+    assert set(res["step_0"]) == {"synthetic-test-6"} and res["step_0"]["synthetic-test-6"]["n"] == 6
+    # the same weights, greedy: the same answers, and the task's prompt template ("{question}\n")
+    rows = samples.to_pylist()
+    assert [r["completion"] for r in rows if r["model"] == "step_0"] == [r["completion"] for r in rows if r["model"] == "step_3"]
+    assert all(r["prompt"].endswith("\n") for r in rows)
