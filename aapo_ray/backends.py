@@ -81,7 +81,7 @@ class HFBackend:
         return GenerationConfig(
             max_new_tokens=params.max_new_tokens, do_sample=sample, pad_token_id=self.tokenizer.pad_token_id,
             eos_token_id=self.eos_ids, temperature=params.temperature if sample else 1.0,
-            top_p=params.top_p if sample else 1.0, top_k=0 if sample else None, min_p=0.0,
+            top_p=params.top_p if sample else 1.0, top_k=0 if sample else None, min_p=0.0 if sample else None,
             **NEUTRAL_GENERATION)
 
     def _generate_batch(self, prompts: list[list[int]], params: SamplingParams, streamer, seeds: list[int] | None):

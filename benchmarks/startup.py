@@ -2,7 +2,8 @@
 Ray cluster each time, the embedded model already cached), and the peak RSS of its process tree.
 
 Per round: ``python -c "import aapo_ray.train_cli"`` (imports), ``aapo --help``, and ``aapo train`` for
-``--steps`` steps with no evaluation and no checkpoint. From the run's step-0 metrics: ``time/ray_init_s``
+``--steps`` steps with no evaluation and no checkpoint, once on a cluster of its own (``cold``) and once
+joining a local cluster kept warm with ``ray start --head`` (``warm``: ``--address``). From the run's step-0 metrics: ``time/ray_init_s``
 (the local cluster) and ``time/roles_start_s`` (every role up: generators, scorer, DeepSpeed learners,
 started concurrently). Fixed cost = wall - the steps' own time; the rest of it (interpreter, imports,
 config, model and prompt checks, shutdown) is ``other``. Rounds are interleaved with nothing else.
@@ -13,6 +14,9 @@ Usage: python benchmarks/startup.py [--rounds 3] [--steps 2]
 from __future__ import annotations
 
 import argparse
+import os
+import secrets
+import socket
 import subprocess
 import sys
 import tempfile
@@ -22,6 +26,24 @@ from pathlib import Path
 import _common as C
 
 AAPO = str(Path(sys.executable).with_name("aapo"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop_cluster(temp_dir: Path, port: int) -> None:
+    """Kill the processes of the cluster this script started (``ray stop`` would kill every Ray here)."""
+    import psutil
+
+    marks = (str(temp_dir), f":{port}")
+    procs = [p for p in psutil.process_iter(["cmdline"]) if p.pid != os.getpid()
+             and any(m in arg for arg in (p.info["cmdline"] or []) for m in marks)]
+    for p in procs:
+        p.kill()
+    psutil.wait_procs(procs, timeout=10)
 
 
 def timed(cmd: list[str], **kw) -> tuple[float, float]:
@@ -35,14 +57,15 @@ def timed(cmd: list[str], **kw) -> tuple[float, float]:
     return time.perf_counter() - start, rss.peak_mb
 
 
-def one_round(steps: int) -> dict:
+def one_round(steps: int, address: str | None = None, env: dict | None = None) -> dict:
     from aapo_ray.metrics import read_metrics
 
     imports, _ = timed([sys.executable, "-c", "import aapo_ray.train_cli"])
     help_s, _ = timed([AAPO, "--help"])
+    join = ["--address", address] if address else []
     with tempfile.TemporaryDirectory(prefix="aapo-startup-") as tmp:
-        wall, peak = timed([AAPO, "train", "--run-dir", f"{tmp}/run", "--no-progress", f"run.steps={steps}",
-                            "run.eval_every=0", "run.save_every=0", "data.eval=null"])
+        wall, peak = timed([AAPO, "train", *join, "--run-dir", f"{tmp}/run", "--no-progress", f"run.steps={steps}",
+                            "run.eval_every=0", "run.save_every=0", "data.eval=null"], env=env)
         rows = read_metrics(Path(tmp) / "run")
     first = next(r for r in rows if r["step"] == 0)
     step_s = sum(r["time/step_s"] for r in rows if r["step"] > 0)
@@ -58,10 +81,23 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2)
     a = ap.parse_args()
     C.model_dir("embedded")  # cached before timing
-    res = C.interleave({"train": lambda r: one_round(a.steps)}, a.rounds)["train"]
+    port, temp = free_port(), Path(tempfile.mkdtemp(prefix="aapo-warm-", dir="/tmp"))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
+    subprocess.run([str(Path(sys.executable).with_name("ray")), "start", "--head", "--port", str(port),
+                    "--node-ip-address", "127.0.0.1", "--include-dashboard", "false", "--temp-dir", str(temp),
+                    "--disable-usage-stats"], env=env, check=True, capture_output=True)
+    try:
+        res = C.interleave({"cold": lambda r: one_round(a.steps),
+                            "warm": lambda r: one_round(a.steps, f"127.0.0.1:{port}", env)}, a.rounds)
+    finally:
+        stop_cluster(temp, port)
     keys = ["import_s", "help_s", "ray_init_s", "roles_start_s", "other_s", "fixed_s", "steps_s", "wall_s", "peak_rss_mb"]
-    print(C.table([{"": k, "median": C.median([r[k] for r in res]), "min": min(r[k] for r in res),
-                    "max": max(r[k] for r in res)} for k in keys]))
+    print(C.table([{"": k, **{f"{arm} median": C.median([r[k] for r in res[arm]]) for arm in res},
+                    **{f"{arm} range": f"{min(r[k] for r in res[arm]):.3g}-{max(r[k] for r in res[arm]):.3g}"
+                       for arm in res}} for k in keys]))
+    print("peak RSS counts the train command's own process tree: with --address, Ray's daemons belong to "
+          "`ray start` and are not in it")
     path = C.save("startup", {"machine": C.machine(), "args": vars(a), "rounds": res})
     print(f"wrote {path}")
 
