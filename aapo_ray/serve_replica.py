@@ -113,8 +113,14 @@ class Job:
     stream: bool
     lp: LogprobRequest = LogprobRequest()  # logprobs / echo
     texts: list[str] | None = None  # the prompts' texts, with echo
-    seeds: list[int] | None = None  # one per choice: row_seeds(request seed) or random
+    seeds: list[int] | None = None  # one per choice; default row_seeds(params.seed), or random if unseeded
     started: bool = False  # set when its batch starts; before that, dropping the job is free
+
+    def __post_init__(self):
+        if self.seeds is None:
+            choices = len(self.prompts) * self.n
+            self.seeds = (row_seeds(self.params.seed, choices) if self.params.seed is not None
+                          else [secrets.randbits(63) for _ in range(choices)])
 
 
 class _RowStreamer:
@@ -282,10 +288,7 @@ class OpenAIServer:
                                         allow_zero=lp.echo)
         params = SamplingParams(temperature=req.temperature, top_p=req.top_p, max_new_tokens=max_tokens,
                                 seed=req.seed, stop=stops)
-        choices = len(prompts) * req.n
-        seeds = row_seeds(req.seed, choices) if req.seed is not None else [secrets.randbits(63) for _ in range(choices)]
-        return Job(prompts, req.n, params, req.stream, lp, prompt_texts(req, prompts, self.tokenizer) if lp.echo else None,
-                   seeds)
+        return Job(prompts, req.n, params, req.stream, lp, prompt_texts(req, prompts, self.tokenizer) if lp.echo else None)
 
     def _timeout(self) -> APIError:
         return APIError(504, f"the request did not finish within request_timeout_s={self.o.request_timeout_s:g}s; "

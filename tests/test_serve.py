@@ -474,7 +474,7 @@ def bare_server(reference, monkeypatch):
     class SlowBackend:
         calls = 0
 
-        def generate(self, prompts, params):
+        def generate(self, prompts, params, seeds=None):
             SlowBackend.calls += 1
             time.sleep(0.5)
             return Completions([[1]] * len(prompts), ["x"] * len(prompts), ["length"] * len(prompts))
@@ -628,7 +628,8 @@ def test_batch_groups_by_params_and_isolates_failures(reference):
     calls = []
 
     class Backend:
-        def generate(self, prompts, params):
+        def generate(self, prompts, params, seeds=None):
+            assert seeds is not None and len(seeds) == len(prompts)  # every choice sampled with its own seed
             calls.append((len(prompts), params.temperature))
             if params.temperature == 0.5:
                 raise RuntimeError("boom")
