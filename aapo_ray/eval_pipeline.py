@@ -8,28 +8,24 @@ actors scoring with :class:`aapo_ray.reward.BatchScorer` (math-verify in bounded
 final answer -> the driver iterates the output batches (``iter_batches``: streamed, never all in memory)
 and appends them to ``samples.parquet``.
 
-Seeds: each problem's k samples are drawn in one call seeded with :func:`problem_seed` (the base seed,
-the benchmark and the problem's index), so on the hf backend a sample does not depend on how Ray batches
-the problems or on the number of actors. SGLang samples a batch in one call (throughput); it is
-reproducible only in its deterministic mode, with per-row seeds of the batch's first problem.
+Seeds: each problem's k samples are seeded with :func:`aapo_ray.sampling.problem_seed` (the base seed,
+the benchmark and the problem's index); see :mod:`aapo_ray.batch_inference` for what that guarantees.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import logging
-import zlib
 
 import numpy as np
 import pyarrow as pa
 import ray
 import requests
 
-from aapo_ray.backends import make_backend
+from aapo_ray.batch_inference import BackendSampler
 from aapo_ray.eval_metrics import final_answer
-from aapo_ray.launch import setup_actor_process
 from aapo_ray.reward import BatchScorer
-from aapo_ray.sampling import SamplingParams, chunk_seed
+from aapo_ray.sampling import problem_seed  # noqa: F401 - part of this module's API (aapo_ray.eval_cmd)
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +35,6 @@ SAMPLE_SCHEMA = pa.schema([
     ("seed", pa.int64()),
 ])
 SCORED_SCHEMA = SAMPLE_SCHEMA.append(pa.field("correct", pa.float32())).append(pa.field("answer", pa.string()))
-
-
-def problem_seed(base_seed: int, benchmark: str, index: int) -> int:
-    """The sampling seed of one problem's k samples (independent of batching)."""
-    return chunk_seed(base_seed + zlib.crc32(benchmark.encode()), index) % 2**63
 
 
 def _rows(batch: pa.Table) -> list[dict]:
@@ -64,39 +55,16 @@ def _sample_table(problems: list[dict], completions: list[list[tuple[str, int, s
     return pa.Table.from_pydict(cols, schema=SAMPLE_SCHEMA)
 
 
-class Generate:
-    """Ray Data callable class: one generation backend per actor, k samples per problem."""
-
-    def __init__(self, *, backend: str, model_path: str, samples: int, temperature: float, top_p: float,
-                 dtype: str = "float32", trust_remote_code: bool = False, torch_threads: int = 1,
-                 batch_size: int = 64, deterministic: bool = False):
-        setup_actor_process(torch_threads)
-        self.kind, self.k = backend, samples
-        self.temperature, self.top_p = temperature, top_p
-        self.backend = make_backend(backend, model_path, trust_remote_code=trust_remote_code, dtype=dtype,
-                                    device="cpu" if backend == "hf" and not _has_gpu() else None,
-                                    batch_size=batch_size, deterministic=deterministic)
-
-    def params(self, max_new_tokens: int, seed: int) -> SamplingParams:
-        return SamplingParams(temperature=self.temperature, top_p=self.top_p, max_new_tokens=max_new_tokens, seed=seed)
+class Generate(BackendSampler):
+    """Ray Data callable class: one generation backend per actor, k samples per problem
+    (:class:`aapo_ray.batch_inference.BackendSampler`)."""
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         problems = _rows(batch)
-        if self.kind == "hf":  # one call per problem: its samples do not depend on the batch
-            outs = []
-            for p in problems:
-                done = self.backend.generate([p["prompt_ids"]] * self.k, self.params(p["max_new_tokens"], p["seed"]))
-                outs.append(list(zip(done.texts, [len(t) for t in done.token_ids], done.finish_reasons)))
-            return _sample_table(problems, outs)
-        width = min(p["max_new_tokens"] for p in problems)  # sglang: the whole batch in one call
-        done = self.backend.generate([p["prompt_ids"] for p in problems for _ in range(self.k)],
-                                     self.params(width, problems[0]["seed"]))
-        flat = list(zip(done.texts, [len(t) for t in done.token_ids], done.finish_reasons))
-        return _sample_table(problems, [flat[i * self.k:(i + 1) * self.k] for i in range(len(problems))])
-
-
-def _has_gpu() -> bool:
-    return bool(ray.get_gpu_ids()) if ray.is_initialized() else False
+        done = self.sample([p["prompt_ids"] for p in problems], [p["max_new_tokens"] for p in problems],
+                           [p["seed"] for p in problems])
+        return _sample_table(problems, [list(zip(c.texts, [len(t) for t in c.token_ids], c.finish_reasons))
+                                        for c in done])
 
 
 class EndpointGenerate:

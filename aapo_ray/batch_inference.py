@@ -1,0 +1,48 @@
+"""The generation stage shared by the Ray Data batch-inference jobs (``aapo eval``'s pipeline and the
+precomputed reference build): an actor that builds :func:`aapo_ray.backends.make_backend` once (hf on
+CPU, sglang on GPU: the training code path) and samples ``k`` completions per prompt.
+
+Seeds: on hf each prompt's ``k`` samples are drawn in one call seeded with that prompt's own seed, so a
+sample depends neither on how Ray batches the prompts nor on the number of actors. SGLang samples a batch
+in one call (throughput); it is reproducible only in its deterministic mode, with per-row seeds of the
+batch's first prompt.
+"""
+
+from __future__ import annotations
+
+import ray
+
+from aapo_ray.backends import make_backend
+from aapo_ray.launch import setup_actor_process
+from aapo_ray.sampling import Completions, SamplingParams
+
+
+class BackendSampler:
+    """One generation backend per Ray Data actor; :meth:`sample` gives ``k`` completions per prompt."""
+
+    def __init__(self, *, backend: str, model_path: str, samples: int, temperature: float, top_p: float,
+                 dtype: str = "float32", trust_remote_code: bool = False, torch_threads: int = 1,
+                 batch_size: int = 64, deterministic: bool = False, allow_pickle: bool = False):
+        setup_actor_process(torch_threads)
+        self.kind, self.k = backend, samples
+        self.temperature, self.top_p = temperature, top_p
+        self.backend = make_backend(backend, model_path, trust_remote_code=trust_remote_code, dtype=dtype,
+                                    device="cpu" if backend == "hf" and not _has_gpu() else None,
+                                    batch_size=batch_size, deterministic=deterministic, allow_pickle=allow_pickle)
+
+    def params(self, max_new_tokens: int, seed: int) -> SamplingParams:
+        return SamplingParams(temperature=self.temperature, top_p=self.top_p, max_new_tokens=max_new_tokens, seed=seed)
+
+    def sample(self, prompt_ids: list[list[int]], max_new_tokens: list[int], seeds: list[int]) -> list[Completions]:
+        """``k`` completions of each prompt (hf: one call per prompt with its seed; sglang: one call)."""
+        if self.kind == "hf":
+            return [self.backend.generate([p] * self.k, self.params(m, s))
+                    for p, m, s in zip(prompt_ids, max_new_tokens, seeds)]
+        done = self.backend.generate([p for p in prompt_ids for _ in range(self.k)],
+                                     self.params(min(max_new_tokens), seeds[0]))
+        return [Completions(done.token_ids[i * self.k:(i + 1) * self.k], done.texts[i * self.k:(i + 1) * self.k],
+                            done.finish_reasons[i * self.k:(i + 1) * self.k]) for i in range(len(prompt_ids))]
+
+
+def _has_gpu() -> bool:
+    return bool(ray.get_gpu_ids()) if ray.is_initialized() else False
