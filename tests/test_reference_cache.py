@@ -27,7 +27,7 @@ def ref_config(model_path, tmp, cache, **extra):
     overrides = {
         "model.path": model_path, "run.output_dir": str(tmp), "run.steps": 2, "run.save_every": 0,
         "run.eval_every": 0, "rollout.prompts_per_step": 2, "algo.group_size": G, "rollout.max_new_tokens": 8,
-        "data.train": "synthetic:train:6", "data.eval": "synthetic:test:4", "learner.micro_batch_size": 8,
+        "data.train": "synthetic:train:6", "data.eval": "", "learner.micro_batch_size": 8,
         "algo.reference": "precomputed", "algo.reference_samples": K, "algo.reference_shard_prompts": 2,
         "algo.reference_cache": str(cache), **extra,
     }
