@@ -38,8 +38,12 @@ class BackendSampler:
         if self.kind == "hf":
             return [self.backend.generate([p] * self.k, self.params(m, s))
                     for p, m, s in zip(prompt_ids, max_new_tokens, seeds)]
-        done = self.backend.generate([p for p in prompt_ids for _ in range(self.k)],
-                                     self.params(min(max_new_tokens), seeds[0]))
+        return self.sample_together(prompt_ids, min(max_new_tokens), seeds[0])
+
+    def sample_together(self, prompt_ids: list[list[int]], max_new_tokens: int, seed: int) -> list[Completions]:
+        """``k`` completions of each prompt from one generate call seeded with ``seed`` (rows ordered
+        prompt by prompt, as :meth:`aapo_ray.generator.GeneratorActor.generate` orders a chunk's)."""
+        done = self.backend.generate([p for p in prompt_ids for _ in range(self.k)], self.params(max_new_tokens, seed))
         return [Completions(done.token_ids[i * self.k:(i + 1) * self.k], done.texts[i * self.k:(i + 1) * self.k],
                             done.finish_reasons[i * self.k:(i + 1) * self.k]) for i in range(len(prompt_ids))]
 

@@ -1,4 +1,5 @@
-"""The training loop, one page: sample -> generate (policy + frozen reference) -> score -> AAPO advantages
+"""The training loop, one page: sample -> generate (policy + frozen reference, or the reference's rewards drawn
+from a precomputed cache: :mod:`aapo_ray.reference_cache`) -> score -> AAPO advantages
 -> learner update -> weight sync -> metrics, eval and checkpoints. Checks before start-up live in
 :mod:`aapo_ray.preflight`; resume, learner restarts and Ctrl-C in :mod:`aapo_ray.recovery`."""
 

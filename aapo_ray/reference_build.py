@@ -11,13 +11,16 @@ settings -> ``map_batches(ScoreShard)``: ``reward.num_scorers`` actors scoring w
 output (``iter_batches``) and writes each shard once its rows are in (temp file, then rename), so memory
 stays flat in the data size and a killed build resumes: shards on disk are not built again.
 
-Seed convention: prompt ``p``'s K samples are one generate call seeded with
-``problem_seed(algo.reference_seed, "reference", p)``, so a stored sample depends neither on the shard
-size nor on the number of actors, and it is exactly what the online reference generator
-(:class:`aapo_ray.reference.ReferencePool`) yields for that prompt alone with that seed and ``n = K``
-(``tests/test_reference_cache.py`` checks it). Keying on the prompt, not the training step, is what lets
-every run seed of a study share one cache; the run's own seed then only picks which stored samples
-each visit pairs with (:func:`aapo_ray.reference_cache.draw_samples`).
+Seed convention: the K samples of every prompt of shard ``s`` come from one generate call seeded with
+:func:`shard_seed` (``problem_seed(algo.reference_seed, "reference", s)``), prompts in data order, each
+repeated K times: exactly the call the online reference generator (:class:`aapo_ray.reference.ReferencePool`)
+makes for that chunk of prompts with ``n = K`` and that seed, so the stored rows are its rows
+(``tests/test_reference_cache.py`` checks it). A whole shard per call keeps generation batched
+(``rollout.generation_batch_size`` rows at a time, as a single-process batched ``generate`` would be) at
+the price of tying the samples to the shard layout, which the manifest records and a resumed build keeps.
+Keying on the data, not the training step, is what lets every run seed of a study share one cache; the
+run's own seed then only picks which stored samples each visit pairs with
+(:func:`aapo_ray.reference_cache.draw_samples`).
 """
 
 from __future__ import annotations
@@ -48,9 +51,9 @@ SHARD_SCHEMA = pa.schema([("shard", pa.int64()), ("prompt_id", pa.int64()), ("sa
                           ("finish_reason", pa.string()), ("seed", pa.int64())])
 
 
-def reference_seed(cfg: Config, prompt_id: int) -> int:
-    """The seed of prompt ``prompt_id``'s K reference samples (see the module docstring)."""
-    return problem_seed(cfg.algo.reference_seed, "reference", prompt_id)
+def shard_seed(cfg: Config, shard: int) -> int:
+    """The seed of the one generate call that samples shard ``shard`` (see the module docstring)."""
+    return problem_seed(cfg.algo.reference_seed, "reference", shard)
 
 
 class SampleShard(BackendSampler):
@@ -62,7 +65,9 @@ class SampleShard(BackendSampler):
 
     def __call__(self, block: pa.Table) -> pa.Table:
         ids, seeds = block.column("prompt_id").to_pylist(), block.column("seed").to_pylist()
-        done = self.sample(block.column("prompt_ids").to_pylist(), [self.max_new_tokens] * len(ids), seeds)
+        if len(set(seeds)) != 1:
+            raise ValueError(f"a block holds one shard (one seed), got seeds {sorted(set(seeds))[:4]}")
+        done = self.sample_together(block.column("prompt_ids").to_pylist(), self.max_new_tokens, seeds[0])
         rows = np.repeat(np.arange(len(ids)), self.k)
         return pa.table({
             "shard": block.column("shard").take(pa.array(rows)), "prompt_id": pa.array(np.asarray(ids)[rows]),
@@ -139,9 +144,8 @@ def _dataset(cfg: Config, model_path: str, prompts: pa.RecordBatch, todo: list[i
     blocks = []
     for i in todo:
         part = pa.Table.from_batches([prompts.slice(i * per_shard, per_shard)]).select(["prompt_id", "prompt_ids", "gold"])
-        seeds = [reference_seed(cfg, p) for p in part.column("prompt_id").to_pylist()]
         blocks.append(part.append_column("shard", pa.array(np.full(part.num_rows, i, np.int64)))
-                      .append_column("seed", pa.array(seeds, pa.int64())))
+                      .append_column("seed", pa.array(np.full(part.num_rows, shard_seed(cfg, i), np.int64))))
     roll = cfg.rollout
     sampler = dict(backend=roll.backend, model_path=model_path, samples=cfg.algo.reference_samples,
                    temperature=roll.temperature, top_p=roll.top_p, dtype=cfg.model.dtype,

@@ -84,5 +84,5 @@ def engine_seed(run_seed: int, role: str, replica: int) -> int:
 
 def problem_seed(base_seed: int, benchmark: str, index: int) -> int:
     """The sampling seed of one problem's (or prompt's) k samples in a batch-inference job, independent of
-    batching: ``aapo eval`` (benchmark name, problem index), the reference build ("reference", prompt id)."""
+    batching: ``aapo eval`` (benchmark name, problem index), the reference build ("reference", shard index)."""
     return chunk_seed(base_seed + zlib.crc32(benchmark.encode()), index) % 2**63

@@ -11,11 +11,12 @@ import pytest
 from aapo_ray.cli import main
 from aapo_ray.collect import collect_scored
 from aapo_ray.config import ConfigError, load_config
+from aapo_ray.data import PromptSampler
 from aapo_ray.driver import train
 from aapo_ray.metrics import read_metrics
 from aapo_ray.preflight import check_config, check_reference_cache, load_prompts
 from aapo_ray.reference import ReferencePool
-from aapo_ray.reference_build import build_reference_cache, reference_seed
+from aapo_ray.reference_build import build_reference_cache, shard_seed
 from aapo_ray.reference_cache import MANIFEST, ReferenceCache, draw_samples, shard_name
 from aapo_ray.rollout import column_numpy
 from aapo_ray.scorer import ScorerPool
@@ -65,27 +66,27 @@ def test_train_builds_the_cache_then_trains_from_it(precomputed_run):
 
 
 def test_build_yields_exactly_the_online_reference_samples(precomputed_run, tiny_model_path):
-    """Same seed, same prompt: the cache rows are what the online ReferencePool generates and the training
-    scorer scores for that prompt alone with n = K (the build's seed convention, reference_build docstring)."""
+    """Same seed, same prompts: a shard's rows are what the online ReferencePool generates and the training
+    scorer scores for the shard's prompts as one chunk with n = K and the shard's seed (the build's seed
+    convention, reference_build docstring)."""
     cfg, _, cache = precomputed_run
     prompts, _ = load_prompts(cfg, tiny_model_path)
-    stored = pq.read_table(cache / shard_name(1)).to_pylist()  # prompts 2 and 3
+    want = pq.read_table(cache / shard_name(1))  # prompts 2 and 3, sorted by (prompt_id, sample_index)
     reference, scorers = ReferencePool(cfg, tiny_model_path), ScorerPool(cfg)
     try:
-        for row in (2, 3):
-            one = prompts.slice(row, 1)
-            pid = one.column("prompt_id")[0].as_py()
-            chunks = reference.chunks(one, K, reference.sampling(reference_seed(cfg, pid)))
-            online = collect_scored([(reference, chunks)], scorers)[0][0][0]
-            want = [r for r in stored if r["prompt_id"] == pid]
-            assert online.column("completion").to_pylist() == [r["completion"] for r in want]
-            assert column_numpy(online, "reward").tolist() == [r["reward"] for r in want]
-            assert column_numpy(online, "reward/accuracy").tolist() == [r["reward/accuracy"] for r in want]
-            assert online.column("finish_reason").to_pylist() == [r["finish_reason"] for r in want]
-            assert np.diff(online.column("completion_ids").offsets.to_numpy()).tolist() == [r["length"] for r in want]
+        chunks = reference.chunks(prompts.slice(2, 2), K, reference.sampling(shard_seed(cfg, 1)))
+        online = collect_scored([(reference, chunks)], scorers)[0][0][0]
     finally:
         reference.shutdown()
         scorers.shutdown()
+    assert column_numpy(online, "prompt_id").tolist() == want.column("prompt_id").to_pylist()
+    assert column_numpy(online, "sample_index").tolist() == want.column("sample_index").to_pylist()
+    assert online.column("completion").to_pylist() == want.column("completion").to_pylist()
+    assert len(set(want.column("completion").to_pylist())) > 1  # sampled, not one repeated string
+    for name in ("reward", "reward/accuracy"):
+        assert column_numpy(online, name).tolist() == want.column(name).to_pylist(), name
+    assert online.column("finish_reason").to_pylist() == want.column("finish_reason").to_pylist()
+    assert np.diff(online.column("completion_ids").offsets.to_numpy()).tolist() == want.column("length").to_pylist()
 
 
 def test_a_killed_build_resumes_without_rebuilding_finished_shards(precomputed_run, tiny_model_path, tmp_path):
@@ -147,6 +148,15 @@ def test_draws_are_without_replacement_across_visits_then_a_fresh_permutation():
     assert len(set(np.concatenate(odd).tolist())) == 4 and all(len(set(d.tolist())) == 2 for d in odd)
 
 
+def test_a_prompts_visit_number_counts_its_earlier_draws():
+    sampler, seen = PromptSampler(4, 3, seed=5), {}
+    for _ in range(4):  # 12 draws: 3 epochs of 4 prompts, batches crossing epoch boundaries
+        for index, visit in zip(*sampler.next_batch_with_visits()):
+            assert visit == seen.get(index, 0)
+            seen[index] = visit + 1
+    assert seen == {0: 3, 1: 3, 2: 3, 3: 3}
+
+
 def test_drawn_batch_pairs_visits_with_stored_rewards(precomputed_run):
     cfg, _, cache = precomputed_run
     ref = ReferenceCache(cache, G, cfg.run.seed)
@@ -163,9 +173,9 @@ def test_drawn_batch_pairs_visits_with_stored_rewards(precomputed_run):
     assert sorted(seen) == list(range(K)) and ref.drawn == K
 
 
-def test_config_checks(tiny_model_path, tmp_path):
+def test_config_checks(tmp_path):
     with pytest.raises(ConfigError, match=r"algo.reference_samples=1 < algo.group_size=2"):
-        ref_config(tiny_model_path, tmp_path, tmp_path, **{"algo.reference_samples": 1})
+        ref_config("embedded", tmp_path, tmp_path, **{"algo.reference_samples": 1})
     with pytest.raises(ConfigError, match=r"algo.reference: precomputed, but algo.estimator=grpo"):
-        check_config(ref_config(tiny_model_path, tmp_path, tmp_path, **{"algo.estimator": "grpo"}))
+        check_config(ref_config("embedded", tmp_path, tmp_path, **{"algo.estimator": "grpo"}))
     assert load_config(None, []).algo.reference == "online"  # online stays the default
