@@ -7,10 +7,10 @@ import argparse
 import logging
 import sys
 
-from aapo_ray import compare, eval_cmd, serve, submit, train_cli
+from aapo_ray import compare, eval_cmd, reference_build, serve, submit, train_cli
 from aapo_ray.config import ConfigError
 
-SUBCOMMANDS = (train_cli, serve, submit, compare, eval_cmd)
+SUBCOMMANDS = (train_cli, serve, submit, compare, eval_cmd, reference_build)
 
 
 def build_parser() -> argparse.ArgumentParser:

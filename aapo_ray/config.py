@@ -95,6 +95,13 @@ class AlgoConfig(Section):
     # reward variance is below this (beta_th; the GPG paper's 0.6 is "gpg_valid_threshold=0.6"); 0 = off
     gpg_valid_threshold: float = Field(0.0, ge=0, le=1)
     gpg_max_topups: int = Field(2, ge=0)  # extra sampling rounds per step at most
+    # where the frozen reference's rewards come from: sampled every step (online), or drawn from a cache
+    # built once by ``aapo reference build`` (precomputed; built by ``aapo train`` when missing)
+    reference: Literal["online", "precomputed"] = "online"
+    reference_cache: str | None = None  # None: run.output_dir/reference_cache/<key of what makes it valid>
+    reference_samples: int = Field(16, ge=1)  # K stored samples per prompt (>= group_size)
+    reference_seed: int = 0  # the build's seed: every run.seed of a study shares one cache
+    reference_shard_prompts: int = Field(64, ge=1)  # prompts per Parquet shard (the unit of resume)
 
     def resolve(self, key: str) -> Any:
         """The value in effect: the field if set, else the estimator's default."""
@@ -208,6 +215,9 @@ class Config(Section):
         if algo.gpg_valid_threshold > 0 and algo.estimator != "gpg":
             raise ValueError(f"algo.gpg_valid_threshold tops up GPG batches; algo.estimator={algo.estimator} "
                              f"would ignore it (set algo.estimator=gpg or leave it 0)")
+        if algo.reference == "precomputed" and algo.reference_samples < algo.group_size:
+            raise ValueError(f"algo.reference_samples={algo.reference_samples} < algo.group_size={algo.group_size}: "
+                             f"each visit draws group_size of the stored samples; raise algo.reference_samples")
         if roll.backend == "sglang" and roll.gpus_per_replica <= 0:
             raise ValueError("rollout.backend=sglang needs rollout.gpus_per_replica > 0 (SGLang runs on GPUs)")
         if (roll.prompts_per_step * algo.group_size) % learn.num_learners:

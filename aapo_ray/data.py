@@ -388,7 +388,13 @@ class PromptSampler:
         return np.random.default_rng([self.seed, epoch]).permutation(self.num_prompts)
 
     def next_batch(self) -> list[int]:
+        return self.next_batch_with_visits()[0]
+
+    def next_batch_with_visits(self) -> tuple[list[int], list[int]]:
+        """The next batch and each index's visit number: the epoch it is drawn in (every prompt is drawn
+        exactly once per epoch, so this counts its earlier visits; no state beyond the sampler's)."""
         out: list[int] = []
+        visits: list[int] = []
         while len(out) < self.batch_size:
             if self.pos >= self.num_prompts:
                 self.epoch, self.pos, self._perm = self.epoch + 1, 0, None
@@ -396,8 +402,9 @@ class PromptSampler:
                 self._perm = self._permutation(self.epoch)
             take = min(self.batch_size - len(out), self.num_prompts - self.pos)
             out.extend(int(x) for x in self._perm[self.pos : self.pos + take])
+            visits.extend([self.epoch] * take)
             self.pos += take
-        return out
+        return out, visits
 
     def state_dict(self) -> dict:
         return {"num_prompts": self.num_prompts, "batch_size": self.batch_size,

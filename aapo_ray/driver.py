@@ -1,4 +1,5 @@
-"""The training loop, one page: sample -> generate (policy + frozen reference) -> score -> AAPO advantages
+"""The training loop, one page: sample -> generate (policy + frozen reference, or the reference's rewards drawn
+from a precomputed cache: :mod:`aapo_ray.reference_cache`) -> score -> AAPO advantages
 -> learner update -> weight sync -> metrics, eval and checkpoints. Checks before start-up live in
 :mod:`aapo_ray.preflight`; resume, learner restarts and Ctrl-C in :mod:`aapo_ray.recovery`."""
 
@@ -25,9 +26,11 @@ from aapo_ray.generator import GeneratorPool
 from aapo_ray.launch import init_ray, interrupt_latch
 from aapo_ray.learner import LearnerError, LearnerGroup
 from aapo_ray.metrics import MetricsLogger, generate_seconds, plot_run, progress_postfix, rollout_stats, summary
-from aapo_ray.preflight import check_cluster_fits, check_config, load_prompts, resolve_model_path
+from aapo_ray.preflight import (check_cluster_fits, check_config, check_reference_cache, load_prompts, online_reference,
+                                resolve_model_path)
 from aapo_ray.recovery import Recovery
 from aapo_ray.reference import ReferencePool
+from aapo_ray.reference_build import open_reference
 from aapo_ray.rollout import column_numpy, concat, learner_batch
 from aapo_ray.sampling import step_seed
 from aapo_ray.scorer import ScorerPool
@@ -39,26 +42,30 @@ log = logging.getLogger(__name__)
 def train(cfg: Config, *, run_dir: str | Path | None = None, resume: bool = False, progress: bool = True) -> Path:
     """Run (or resume) training; returns the run directory."""
     check_config(cfg)
+    estimator = get_estimator(cfg.algo.estimator)
     run_dir = Path(run_dir or Path(cfg.run.output_dir) / (cfg.run.name or datetime.now().strftime("%Y%m%d-%H%M%S")))
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(cfg))
     model_path = resolve_model_path(cfg)  # model and data problems surface before Ray starts
     train_prompts, eval_prompts = load_prompts(cfg, model_path)
+    precomputed = estimator.needs_reference and cfg.algo.reference == "precomputed"
+    ref_identity = check_reference_cache(cfg, model_path, train_prompts) if precomputed else None
     if resume and ckpt.latest_checkpoint(run_dir) is None:
         raise FileNotFoundError(f"--resume {run_dir}: no complete checkpoint under {ckpt.checkpoints_root(run_dir)}")
     started = time.perf_counter()
     init_ray(cfg.ray.address, num_cpus=cfg.ray.num_cpus, namespace=cfg.ray.namespace, torch_threads=cfg.run.torch_threads)
     startup = {"time/ray_init_s": time.perf_counter() - started}
     check_cluster_fits(cfg)
-    estimator = get_estimator(cfg.algo.estimator)
     sampler = PromptSampler(train_prompts.num_rows, cfg.rollout.prompts_per_step, seed=cfg.run.seed)
+    # the precomputed reference, built first (before the run's actors hold the cluster) when missing
+    cache = open_reference(cfg, model_path, train_prompts, ref_identity, progress=progress) if precomputed else None
 
     with ExitStack() as roles:  # every actor this run starts is shut down on the way out
         interrupted = roles.enter_context(interrupt_latch())
         # every role starts at once: the generators load while the learners build their engines
         started = time.perf_counter()
         policy = _started(roles, GeneratorPool(cfg, model_path, wait=False))
-        reference = _started(roles, ReferencePool(cfg, model_path, wait=False)) if estimator.needs_reference else None
+        reference = _started(roles, ReferencePool(cfg, model_path, wait=False)) if online_reference(cfg) else None
         scorers = _started(roles, ScorerPool(cfg, wait=False))
         learners = LearnerGroup(cfg, model_path)
         roles.callback(lambda: learners.shutdown())
@@ -74,24 +81,26 @@ def train(cfg: Config, *, run_dir: str | Path | None = None, resume: bool = Fals
         bar = tqdm(total=cfg.run.steps, initial=step, desc="aapo train", disable=not progress, unit="step")
 
         def launch(s: int):  # draw step s's prompts, start its generation and scoring; returns the jobs
-            prompts = train_prompts.take(pa.array(sampler.next_batch()))
+            indices, visits = sampler.next_batch_with_visits()
+            prompts = train_prompts.take(pa.array(indices))
             recovery.sampled(s)
             requests = [(policy, policy.chunks(prompts, cfg.algo.group_size,
                                                policy.sampling(step_seed(cfg.run.seed, s, "policy"))))]
             if reference:
                 requests.append((reference, reference.chunks(prompts, cfg.algo.group_size, reference.sampling(
                     step_seed(cfg.run.seed, s, "reference")))))
-            return async_start(requests, scorers)
+            drawn = cache.draw(prompts.column("prompt_id").to_pylist(), visits) if cache else None
+            return async_start(requests, scorers), drawn  # drawn: the step's stored reference samples
 
         pending = None  # the next step's jobs, started before this step trained (rollout.overlap=1)
         try:
             while step < cfg.run.steps:
                 step += 1
                 t0 = time.perf_counter()
-                jobs, pending = pending or launch(step), None
+                (jobs, drawn), pending = pending or launch(step), None
                 batches, counters, faults = finish(jobs, scorers, max_staleness=cfg.rollout.overlap)
                 rollouts = concat(batches[0])
-                ref_batch = concat(batches[1]) if reference else None
+                ref_batch = concat(batches[1]) if reference else drawn
                 topup = {}
                 if cfg.algo.gpg_valid_threshold > 0:  # GPG's beta_th: more prompt groups while too few vary
                     rollouts, topup = gpg_topup(cfg, rollouts, policy, scorers, train_prompts, sampler,
@@ -100,7 +109,7 @@ def train(cfg: Config, *, run_dir: str | Path | None = None, resume: bool = Fals
                 t_rollout = time.perf_counter()
 
                 rewards = torch.tensor(column_numpy(rollouts, "reward"))
-                ref_rewards = torch.tensor(_aligned_rewards(rollouts, ref_batch)) if reference else None
+                ref_rewards = torch.tensor(_aligned_rewards(rollouts, ref_batch)) if ref_batch is not None else None
                 advantages = estimator.advantages(rewards, ref_rewards, cfg.algo.group_size, margin_clip=cfg.algo.margin_clip,
                                                   scale_rewards=cfg.algo.resolve("scale_rewards"))
                 lengths = np.diff(rollouts.column("completion_ids").offsets.to_numpy())
@@ -130,6 +139,7 @@ def train(cfg: Config, *, run_dir: str | Path | None = None, resume: bool = Fals
                         "faults/policy_replica_restarts": policy.restarted_replicas,
                         "time/generate_s": generate_seconds(batches[0]),
                         "time/ref_generate_s": generate_seconds(batches[1]) if reference else 0.0,
+                        **(cache.metrics() if cache else {}),
                         "time/rollout_s": t_rollout - t0, "time/advantage_s": t_adv - t_rollout,
                         "time/train_s": t_train - t_adv, "time/sync_s": t_sync - t_train,
                     }

@@ -36,11 +36,12 @@ from aapo_ray.checkpoint import STATE, complete_checkpoints, resolve_model_dir
 from aapo_ray.config import DataConfig, load_config
 from aapo_ray.data import render_prompts
 from aapo_ray.eval_metrics import benchmark_metrics, paper_table
-from aapo_ray.eval_pipeline import SCORED_SCHEMA, build_dataset, problem_seed
+from aapo_ray.eval_pipeline import SCORED_SCHEMA, build_dataset
 from aapo_ray.eval_sets import BENCHMARKS, PAPER_PROTOCOL, PAPER_SETS, EvalInputError, load_eval_set, parse_benchmarks
 from aapo_ray.launch import init_ray
 from aapo_ray.metrics import save_figure
 from aapo_ray.preflight import resolve_model_path
+from aapo_ray.sampling import problem_seed
 from aapo_ray.synthetic import PROMPT_TEMPLATE
 
 log = logging.getLogger(__name__)

@@ -10,27 +10,25 @@ and appends them to ``samples.parquet``.
 
 Seeds: sample j of a problem is drawn with its own seed, ``row_seeds(problem_seed(...), k)[j]`` (the base
 seed, the benchmark and the problem's index), and every problem of a Ray Data batch is sampled in one
-engine call (throughput): on the hf backend a sample does not depend on how Ray batches the problems or on
-the number of actors (per-row generators); SGLang honours the per-row seeds in its deterministic mode. A
-seeded ``n=k`` request to ``aapo serve`` is sampled with the same row seeds.
+engine call (:mod:`aapo_ray.batch_inference`): on the hf backend a sample does not depend on how Ray
+batches the problems or on the number of actors; SGLang honours the per-row seeds in its deterministic
+mode. With ``--endpoint``, each sample is one request carrying its row seed.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import logging
-import zlib
 
 import numpy as np
 import pyarrow as pa
 import ray
 import requests
 
-from aapo_ray.backends import make_backend
+from aapo_ray.batch_inference import BackendSampler
 from aapo_ray.eval_metrics import final_answer
-from aapo_ray.launch import setup_actor_process
 from aapo_ray.reward import BatchScorer
-from aapo_ray.sampling import SamplingParams, chunk_seed, row_seeds
+from aapo_ray.sampling import row_seeds
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +38,6 @@ SAMPLE_SCHEMA = pa.schema([
     ("seed", pa.int64()), ("node", pa.string()),
 ])
 SCORED_SCHEMA = SAMPLE_SCHEMA.append(pa.field("correct", pa.float32())).append(pa.field("answer", pa.string()))
-
-
-def problem_seed(base_seed: int, benchmark: str, index: int) -> int:
-    """The sampling seed of one problem's k samples (independent of batching)."""
-    return chunk_seed(base_seed + zlib.crc32(benchmark.encode()), index) % 2**63
 
 
 def _rows(batch: pa.Table) -> list[dict]:
@@ -68,42 +61,16 @@ def _sample_table(problems: list[dict], completions: list[list[tuple[str, int, s
     return pa.Table.from_pydict(cols, schema=SAMPLE_SCHEMA)
 
 
-class Generate:
-    """Ray Data callable class: one generation backend per actor, k samples per problem."""
-
-    def __init__(self, *, backend: str, model_path: str, samples: int, temperature: float, top_p: float,
-                 dtype: str = "float32", trust_remote_code: bool = False, torch_threads: int = 1,
-                 batch_size: int = 64, deterministic: bool = False):
-        setup_actor_process(torch_threads)
-        self.kind, self.k = backend, samples
-        self.temperature, self.top_p = temperature, top_p
-        self.backend = make_backend(backend, model_path, trust_remote_code=trust_remote_code, dtype=dtype,
-                                    device="cpu" if backend == "hf" and not _has_gpu() else None,
-                                    batch_size=batch_size, deterministic=deterministic)
-
-    def params(self, max_new_tokens: int, seed: int) -> SamplingParams:
-        return SamplingParams(temperature=self.temperature, top_p=self.top_p, max_new_tokens=max_new_tokens, seed=seed)
+class Generate(BackendSampler):
+    """Ray Data callable class: one generation backend per actor, k samples per problem
+    (:class:`aapo_ray.batch_inference.BackendSampler`)."""
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        """k rows per problem, every problem of the batch with the same budget in one engine call; row
-        ``(problem, j)`` is seeded ``row_seeds(problem's seed, k)[j]`` (see the module docstring)."""
         problems = _rows(batch)
-        outs: list = [None] * len(problems)
-        by_budget: dict[int, list[int]] = {}
-        for i, p in enumerate(problems):
-            by_budget.setdefault(int(p["max_new_tokens"]), []).append(i)
-        for budget, idx in by_budget.items():
-            done = self.backend.generate([problems[i]["prompt_ids"] for i in idx for _ in range(self.k)],
-                                         self.params(budget, problems[idx[0]]["seed"]),
-                                         seeds=[s for i in idx for s in row_seeds(problems[i]["seed"], self.k)])
-            flat = list(zip(done.texts, [len(t) for t in done.token_ids], done.finish_reasons))
-            for j, i in enumerate(idx):
-                outs[i] = flat[j * self.k:(j + 1) * self.k]
-        return _sample_table(problems, outs)
-
-
-def _has_gpu() -> bool:
-    return bool(ray.get_gpu_ids()) if ray.is_initialized() else False
+        done = self.sample([p["prompt_ids"] for p in problems], [p["max_new_tokens"] for p in problems],
+                           [p["seed"] for p in problems])
+        return _sample_table(problems, [list(zip(c.texts, [len(t) for t in c.token_ids], c.finish_reasons))
+                                        for c in done])
 
 
 class EndpointGenerate:

@@ -109,7 +109,7 @@ def rollout_stats(rollouts: pa.RecordBatch, ref_batch: pa.RecordBatch | None, co
     for name in rollouts.schema.names:
         if name.startswith(REWARD_PREFIX):
             stats[name.removeprefix(REWARD_PREFIX) + "_mean"] = float(np.nanmean(column_numpy(rollouts, name)))
-    if ref_batch is not None:
+    if ref_batch is not None and "completion_ids" in ref_batch.schema.names:  # sampled this step (online)
         stats["completion_tokens"] += float(len(ref_batch.column("completion_ids").values))
     for key in ("timeouts", "errors", "none", "unparseable_gold"):
         stats[f"reward/{key}"] = float(sum(c.get(key, 0) for c in counters))

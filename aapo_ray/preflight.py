@@ -17,6 +17,7 @@ from aapo_ray.config import EMBEDDED_MODEL, Config, ConfigError, load_config
 from aapo_ray.data import load_prompt_dataset, render_prompts
 from aapo_ray.embedded import default_model_path
 from aapo_ray.memory_plan import check_memory
+from aapo_ray.reference_cache import cache_dir, check_manifest, identity
 from aapo_ray.reward import resolve_reward_fn
 from aapo_ray.rollout import make_prompt_batch
 
@@ -32,6 +33,9 @@ def check_config(cfg: Config) -> Config:
             resolve_reward_fn(name)
         except Exception as exc:  # noqa: BLE001 - surface any import problem as a config error
             raise ConfigError(f"invalid config:\n  reward.functions.{name}: {exc}") from None
+    if cfg.algo.reference == "precomputed" and not get_estimator(cfg.algo.estimator).needs_reference:
+        raise ConfigError(f"invalid config:\n  algo.reference: precomputed, but algo.estimator={cfg.algo.estimator} "
+                          f"samples no reference; leave algo.reference at online (or use estimator aapo)")
     try:  # GPU roles only; skipped when the model's architecture is unknown (aapo_ray/memory_plan.py)
         check_memory(cfg)
     except ValueError as exc:
@@ -86,10 +90,24 @@ def check_cluster_fits(cfg: Config) -> None:
     """Fail before any actor starts if the connected Ray cluster cannot hold the configured roles."""
     total = ray.cluster_resources()
     r, roll, learn = cfg.reward, cfg.rollout, cfg.learner
-    replicas = roll.policy_replicas + (roll.reference_replicas if get_estimator(cfg.algo.estimator).needs_reference else 0)
+    replicas = roll.policy_replicas + (roll.reference_replicas if online_reference(cfg) else 0)
     need = {"CPU": replicas * roll.cpus_per_replica + r.num_scorers * r.cpus_per_scorer + learn.num_learners * learn.cpus_per_learner,
             "GPU": replicas * roll.gpus_per_replica + learn.num_learners * learn.gpus_per_learner}
     short = [f"{k}: need {v:g}, cluster has {total.get(k, 0):g}" for k, v in need.items() if v > total.get(k, 0) + 1e-9]
     if short:
         raise ValueError("the Ray cluster cannot hold this run's actors (" + "; ".join(short) + "): lower "
                          "learner.num_learners / rollout.*_replicas / cpus_per_* or add nodes (ray.num_cpus for a local cluster)")
+
+
+def check_reference_cache(cfg: Config, model_path: str, prompts: pa.RecordBatch) -> dict:
+    """The identity a precomputed reference cache of this run must have
+    (:func:`aapo_ray.reference_cache.identity`); a cache already at its path that does not match is
+    refused here, before Ray starts, with a :class:`ConfigError` naming each mismatching field."""
+    expected = identity(cfg, model_path, prompts)
+    check_manifest(cache_dir(cfg), expected)
+    return expected
+
+
+def online_reference(cfg: Config) -> bool:
+    """The run starts a reference generator pool (the estimator samples a reference, and not from a cache)."""
+    return get_estimator(cfg.algo.estimator).needs_reference and cfg.algo.reference == "online"

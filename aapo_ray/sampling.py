@@ -3,6 +3,7 @@ reproducible. No torch here: scorers and the driver's bookkeeping import it chea
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -79,3 +80,9 @@ def row_seeds(seed: int | None, rows: int) -> list[int] | None:
 def engine_seed(run_seed: int, role: str, replica: int) -> int:
     """A distinct engine-level random seed per role and replica."""
     return (run_seed * _ENGINE_STRIDE + _ROLE_OFFSET[role] + replica) % 2**31
+
+
+def problem_seed(base_seed: int, benchmark: str, index: int) -> int:
+    """The sampling seed of one problem's (or prompt's) k samples in a batch-inference job, independent of
+    batching: ``aapo eval`` (benchmark name, problem index), the reference build ("reference", shard index)."""
+    return chunk_seed(base_seed + zlib.crc32(benchmark.encode()), index) % 2**63

@@ -27,7 +27,7 @@ def problems(n: int, model_path: str) -> list[dict]:
     from transformers import AutoTokenizer
 
     from aapo_ray.embedded import read_recipe
-    from aapo_ray.eval_pipeline import problem_seed
+    from aapo_ray.sampling import problem_seed
     from aapo_ray.synthetic import PROMPT_TEMPLATE, SyntheticTask
 
     task = SyntheticTask(**read_recipe(model_path)["recipe"]["task"])

@@ -16,9 +16,8 @@ from math_verify import parse
 from aapo_ray.cli import main
 from aapo_ray.eval_cmd import render_for, run_config
 from aapo_ray.eval_metrics import benchmark_metrics, final_answer, majority_vote, paper_table, pass_at_k
-from aapo_ray.eval_pipeline import problem_seed
 from aapo_ray.eval_sets import ALL_SETS, BENCHMARKS, PAPER_SETS, EvalInputError, load_eval_set, parse_benchmarks
-from aapo_ray.sampling import row_seeds
+from aapo_ray.sampling import problem_seed, row_seeds
 
 
 # ----------------------------------------------------------------------------- metrics

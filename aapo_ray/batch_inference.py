@@ -1,0 +1,62 @@
+"""The generation stage shared by the Ray Data batch-inference jobs (``aapo eval``'s pipeline and the
+precomputed reference build): an actor that builds :func:`aapo_ray.backends.make_backend` once (hf on
+CPU, sglang on GPU: the training code path) and samples ``k`` completions per prompt.
+
+Seeds: :meth:`BackendSampler.sample` draws sample ``j`` of a prompt with its own seed,
+``row_seeds(prompt's seed, k)[j]``, and samples all the prompts of a batch (with the same budget) in one
+engine call: on hf (one ``torch.Generator`` per row) a sample depends neither on how Ray batches the
+prompts nor on the number of actors; SGLang honours the per-row seeds in its deterministic mode.
+:meth:`BackendSampler.sample_together` instead seeds one call as a training generator does.
+"""
+
+from __future__ import annotations
+
+import ray
+
+from aapo_ray.backends import make_backend
+from aapo_ray.launch import setup_actor_process
+from aapo_ray.sampling import Completions, SamplingParams, row_seeds
+
+
+class BackendSampler:
+    """One generation backend per Ray Data actor; :meth:`sample` gives ``k`` completions per prompt."""
+
+    def __init__(self, *, backend: str, model_path: str, samples: int, temperature: float, top_p: float,
+                 dtype: str = "float32", trust_remote_code: bool = False, torch_threads: int = 1,
+                 batch_size: int = 64, deterministic: bool = False, allow_pickle: bool = False):
+        setup_actor_process(torch_threads)
+        self.kind, self.k = backend, samples
+        self.temperature, self.top_p = temperature, top_p
+        self.backend = make_backend(backend, model_path, trust_remote_code=trust_remote_code, dtype=dtype,
+                                    device="cpu" if backend == "hf" and not _has_gpu() else None,
+                                    batch_size=batch_size, deterministic=deterministic, allow_pickle=allow_pickle)
+
+    def params(self, max_new_tokens: int, seed: int) -> SamplingParams:
+        return SamplingParams(temperature=self.temperature, top_p=self.top_p, max_new_tokens=max_new_tokens, seed=seed)
+
+    def sample(self, prompt_ids: list[list[int]], max_new_tokens: list[int], seeds: list[int]) -> list[Completions]:
+        """``k`` completions of each prompt, row ``(prompt i, sample j)`` seeded ``row_seeds(seeds[i], k)[j]``;
+        one engine call per distinct ``max_new_tokens``."""
+        out: list = [None] * len(prompt_ids)
+        by_budget: dict[int, list[int]] = {}
+        for i, m in enumerate(max_new_tokens):
+            by_budget.setdefault(int(m), []).append(i)
+        k = self.k
+        for budget, idx in by_budget.items():
+            done = self.backend.generate([prompt_ids[i] for i in idx for _ in range(k)], self.params(budget, seeds[idx[0]]),
+                                         seeds=[s for i in idx for s in row_seeds(seeds[i], k)])
+            for j, i in enumerate(idx):
+                rows = slice(j * k, (j + 1) * k)
+                out[i] = Completions(done.token_ids[rows], done.texts[rows], done.finish_reasons[rows])
+        return out
+
+    def sample_together(self, prompt_ids: list[list[int]], max_new_tokens: int, seed: int) -> list[Completions]:
+        """``k`` completions of each prompt from one generate call seeded with ``seed`` (rows ordered
+        prompt by prompt, as :meth:`aapo_ray.generator.GeneratorActor.generate` orders a chunk's)."""
+        done = self.backend.generate([p for p in prompt_ids for _ in range(self.k)], self.params(max_new_tokens, seed))
+        return [Completions(done.token_ids[i * self.k:(i + 1) * self.k], done.texts[i * self.k:(i + 1) * self.k],
+                            done.finish_reasons[i * self.k:(i + 1) * self.k]) for i in range(len(prompt_ids))]
+
+
+def _has_gpu() -> bool:
+    return bool(ray.get_gpu_ids()) if ray.is_initialized() else False
