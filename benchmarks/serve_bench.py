@@ -7,7 +7,8 @@ clients. Two Serve apps run side by side, one per batching mode: ``continuous`` 
 row joins transformers' continuous-batching engine as it arrives) and ``grouped`` (``@serve.batch``,
 one ``generate`` per identical sampling params). The baseline is ``HFBackend.generate`` called in
 this process on batches of C of the same prompts (what perfect batching with zero serving overhead
-would give). Arms run interleaved, round by round (bare, continuous, grouped, rotated each round),
+would give); next to it, the same model's continuous-batching engine alone in this process (rounds of
+C requests submitted at once: ``engine`` in the table, its req/s over bare). Arms run interleaved, round by round (bare, continuous, grouped, rotated each round),
 and each ratio (Serve req/s over bare req/s) is taken per round, then the median: absolute times on a
 shared machine drift. Everything uses one torch thread (the replica's default).
 
@@ -50,6 +51,33 @@ def bare(backend, prompts, concurrency, rounds, max_tokens):
         t = time.perf_counter()
         backend.generate(batch, params)
         lat += [time.perf_counter() - t] * concurrency
+    wall = time.perf_counter() - start
+    return {"req_s": concurrency * rounds / wall, "p50_s": pct(lat, 50), "p95_s": pct(lat, 95)}
+
+
+def bare_continuous(engine, tokenizer, prompts, concurrency, rounds, max_tokens):
+    """The continuous-batching engine alone, in this process: rounds of C requests submitted at once."""
+    import asyncio
+
+    from aapo_ray.sampling import SamplingParams
+
+    params = SamplingParams(temperature=0, max_new_tokens=max_tokens)
+    ids = [tokenizer(p)["input_ids"] for p in prompts]
+
+    async def one_round(r):
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in range(concurrency)]
+        t = time.perf_counter()
+        for i, f in enumerate(futures):
+            engine.submit(ids[(r * concurrency + i) % len(ids)], params,
+                          lambda out, f=f: out.is_finished() and not f.done() and f.set_result(out), stream=False)
+        await asyncio.gather(*futures)
+        return time.perf_counter() - t
+
+    asyncio.run(one_round(0))  # warm-up
+    lat, start = [], time.perf_counter()
+    for r in range(rounds):
+        lat += [asyncio.run(one_round(r))] * concurrency
     wall = time.perf_counter() - start
     return {"req_s": concurrency * rounds / wall, "p50_s": pct(lat, 50), "p95_s": pct(lat, 95)}
 
@@ -128,6 +156,7 @@ def main() -> int:
         model_dir = default_model_path(progress=False)
     prompts = SyntheticTask().prompts("test", 64)
     backend = HFBackend.load(model_dir, device="cpu")
+    engine = backend.continuous_batching(max(args.concurrency))  # idle while `bare` generates
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -150,6 +179,8 @@ def main() -> int:
                 for arm in arms[r % 3:] + arms[:r % 3]:  # rotate the order each round
                     if arm == "bare":
                         res = bare(backend, prompts, c, max(2, total // c), args.max_tokens)
+                        res["engine_alone_req_s"] = bare_continuous(engine, backend.tokenizer, prompts, c,
+                                                                    max(2, total // c), args.max_tokens)["req_s"]
                     else:
                         res = served(urls[arm], prompts, c, per_client, args.max_tokens)
                         res["ttft_p50_s"] = served(urls[arm], prompts, c, max(1, per_client // 2), args.max_tokens,
@@ -158,6 +189,7 @@ def main() -> int:
                     print(f"round {r + 1}/{rounds} c={c} {arm}: {res['req_s']:.1f} req/s", flush=True)
     finally:
         serve.shutdown()
+        engine.close()
 
     rows = []
     for c, arms in results.items():
@@ -165,16 +197,18 @@ def main() -> int:
         for arm, runs in arms.items():
             row[arm] = {k: statistics.median(run[k] for run in runs) for k in runs[0]}
             row[arm]["per_round"] = runs
-            if arm != "bare":
+            if arm == "bare":
+                row["ratio_engine_alone"] = statistics.median(run["engine_alone_req_s"] / run["req_s"] for run in runs)
+            else:
                 row[f"ratio_{arm}"] = statistics.median(run["req_s"] / b["req_s"] for run, b in zip(runs, arms["bare"]))
         rows.append(row)
 
     print(f"\nmodel {model_dir}, max_tokens {args.max_tokens}, greedy, 1 torch thread, {os.cpu_count()} CPUs, "
           f"{rounds} interleaved rounds x {total} requests per arm; medians, ratios per round")
-    print(f"{'conc':>4} | {'bare req/s':>10} | {'continuous':>10} {'ratio':>5} {'p50 ms':>7} {'ttft ms':>7} | "
+    print(f"{'conc':>4} | {'bare req/s':>10} {'engine':>7} | {'continuous':>10} {'ratio':>5} {'p50 ms':>7} {'ttft ms':>7} | "
           f"{'grouped':>8} {'ratio':>5} {'p50 ms':>7} {'ttft ms':>7}")
     for r in rows:
-        cells = [f"{r['concurrency']:>4}", f"{r['bare']['req_s']:>10.1f}"]
+        cells = [f"{r['concurrency']:>4}", f"{r['bare']['req_s']:>10.1f} {r['ratio_engine_alone']:>7.2f}"]
         for mode, width in (("continuous", 10), ("grouped", 8)):
             m = r[mode]
             cells.append(f"{m['req_s']:>{width}.1f} {r['ratio_' + mode]:>5.2f} {m['p50_s'] * 1e3:>7.0f} "

@@ -110,7 +110,6 @@ def test_deadline_and_disconnect_cancel_rows_in_the_engine(jobs, backend, prompt
     srv = object.__new__(OpenAIServer)
     srv.continuous, srv.pumps, srv.o = jobs, set(), ServeOptions(request_timeout_s=0.05)
     long = SamplingParams(temperature=1.0, max_new_tokens=100)
-    running = jobs.engine.manager.batch_processor.scheduler
 
     async def past_deadline():
         with pytest.raises(APIError) as e:
@@ -126,6 +125,7 @@ def test_deadline_and_disconnect_cancel_rows_in_the_engine(jobs, backend, prompt
 
     for scenario in (past_deadline, client_gone):
         asyncio.run(scenario())
+        running = jobs.engine.manager.batch_processor.scheduler  # built by the engine's thread at its first step
         assert not running.active_requests and not running.waiting_requests
         assert jobs.engine.pending_handlers() == 0
     assert _done(asyncio.run(_collect(jobs, Job([prompts[2]], 1, GREEDY, False))))  # still serving
