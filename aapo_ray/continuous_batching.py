@@ -14,6 +14,7 @@ Built through :meth:`~aapo_ray.backends.HFBackend.continuous_batching`; used by 
 from __future__ import annotations
 
 import math
+import time
 import uuid
 from typing import Callable
 
@@ -27,6 +28,8 @@ from aapo_ray.sampling import SamplingParams
 
 # Tokens per KV-cache page on the CPU (transformers' default, 256, suits GPUs and long contexts).
 CPU_PAGE_SIZE = 32
+# How long building the engine (its KV cache) may take.
+READY_TIMEOUT_S = 300.0
 # The KV cache's default size: max_requests x the context, at most this many tokens.
 MAX_DEFAULT_CACHE_TOKENS = 1 << 18
 
@@ -80,6 +83,17 @@ class ContinuousBatcher:
             if isinstance(p, ContinuousBatchingTemperatureLogitsWarper):
                 processors[i] = GreedyAwareTemperature(p)
         self.manager.start()
+        self._wait_until_ready(READY_TIMEOUT_S)
+
+    def _wait_until_ready(self, timeout: float) -> None:
+        """Return once the engine's thread has built its batch processor (KV cache included), so that a
+        replica that reports ready has a working engine; raise with the engine's own error if it died."""
+        deadline = time.monotonic() + timeout
+        while self.manager.batch_processor is None:
+            if not self.manager.is_running() or time.monotonic() > deadline:
+                error = self.manager.background_thread_status.fatal_error
+                raise RuntimeError(f"the continuous-batching engine did not start within {timeout:g}s: {error!r}")
+            time.sleep(0.01)
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, on_output: Callable, stream: bool) -> str:
         """Add one row (called on a running event loop: ``on_output`` runs there); returns its request id."""

@@ -105,28 +105,52 @@ def test_seeded_requests_repeat_and_logprobs_equal_a_forward_pass(jobs, referenc
     assert np.array_equal(scores.top_ids, expected.top_ids)
 
 
-def test_deadline_and_disconnect_cancel_rows_in_the_engine(jobs, backend, prompts):
-    """A request past its deadline is a 504 and its rows leave the engine; so do a reader's that goes away."""
+def test_deadline_and_disconnect_cancel_rows_in_the_engine(jobs, prompts, monkeypatch):
+    """A request past its deadline is a 504 and its unfinished rows are cancelled in the engine; so are a
+    reader's that goes away. The engine then holds no row and no result handler."""
     srv = object.__new__(OpenAIServer)
     srv.continuous, srv.pumps, srv.o = jobs, set(), ServeOptions(request_timeout_s=0.05)
     long = SamplingParams(temperature=1.0, max_new_tokens=100)
+    submitted, finished, cancelled = set(), set(), set()
+    submit, cancel = jobs.engine.submit, jobs.engine.cancel
+
+    def spy_submit(prompt, params, on_output, stream):
+        def note(out):
+            if out.is_finished():
+                finished.add(out.request_id)
+            on_output(out)
+
+        rid = submit(prompt, params, note, stream)
+        submitted.add(rid)
+        return rid
+
+    def spy_cancel(rid):
+        cancelled.add(rid)
+        cancel(rid)
+
+    monkeypatch.setattr(jobs.engine, "submit", spy_submit)
+    monkeypatch.setattr(jobs.engine, "cancel", spy_cancel)
 
     async def past_deadline():
         with pytest.raises(APIError) as e:
             [e async for e in srv._events(Job([prompts[0]], 4, long, True), time.monotonic() + 0.05)]
         assert (e.value.status, e.value.code) == (504, "request_timeout") and not srv.pumps
-        await asyncio.sleep(0.3)  # the engine drops cancelled rows at its next step
 
     async def client_gone():
         reader = srv._events(Job([prompts[1]], 4, long, True), time.monotonic() + 60)
         assert (await reader.__anext__())[0] == "delta"
         await reader.aclose()
-        await asyncio.sleep(0.3)
 
+    scheduler = jobs.engine.manager.batch_processor.scheduler
     for scenario in (past_deadline, client_gone):
+        submitted.clear(), finished.clear(), cancelled.clear()
         asyncio.run(scenario())
-        running = jobs.engine.manager.batch_processor.scheduler  # built by the engine's thread at its first step
-        assert not running.active_requests and not running.waiting_requests
+        assert len(submitted) == 4 and cancelled and cancelled == submitted - finished
+        for _ in range(1000):  # the engine drops cancelled rows at its next step
+            if not scheduler.active_requests and not scheduler.waiting_requests:
+                break
+            time.sleep(0.01)
+        assert not scheduler.active_requests and not scheduler.waiting_requests
         assert jobs.engine.pending_handlers() == 0
     assert _done(asyncio.run(_collect(jobs, Job([prompts[2]], 1, GREEDY, False))))  # still serving
 
