@@ -18,6 +18,7 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
+from aapo_ray.continuous_batching import ContinuousBatcher
 from aapo_ray.models import eos_token_ids, load_model_and_tokenizer
 from aapo_ray.sampling import Completions, SamplingParams, TokenScores, apply_stop
 from aapo_ray.sglang_backend import SGLangBackend
@@ -64,16 +65,36 @@ class HFBackend:
         if params.seed is not None and seeds is None:
             torch.manual_seed(params.seed)
         rows: list[np.ndarray] = []
-        reasons: list[str] = []
         for start in range(0, len(prompt_ids), self.batch_size):
-            ids, why = self._generate_batch(prompt_ids[start:start + self.batch_size], params, streamer,
-                                            None if seeds is None else seeds[start:start + self.batch_size])
-            rows += ids
-            reasons += why
+            rows += self._generate_batch(prompt_ids[start:start + self.batch_size], params, streamer,
+                                         None if seeds is None else seeds[start:start + self.batch_size])
+        return self.completions(rows, params.stop)
+
+    def completions(self, generated: list, stop: tuple[str, ...] = ()) -> Completions:
+        """Sampled token rows as :class:`Completions`: each cut after its first EOS, decoded, cut at the
+        first ``stop`` string (what ``generate`` returns; the continuous-batching engine's rows too)."""
+        rows, reasons = [], []
+        for row in generated:
+            row = np.asarray(row, dtype=np.int64)
+            eos = np.flatnonzero(np.isin(row, self.eos_ids))
+            rows.append(row[:eos[0] + 1 if len(eos) else len(row)].astype(np.int32))
+            reasons.append("stop" if len(eos) else "length")
         texts = self.tokenizer.batch_decode(rows, skip_special_tokens=True)
-        if params.stop:
-            rows, texts, reasons = apply_stop(rows, texts, reasons, params.stop, self.tokenizer)
+        if stop:
+            rows, texts, reasons = apply_stop(rows, texts, reasons, stop, self.tokenizer)
         return Completions(rows, texts, reasons)
+
+    def continuous_batching(self, max_requests: int | None = None,
+                            cache_tokens: int | None = None) -> ContinuousBatcher:
+        """A running :class:`~aapo_ray.continuous_batching.ContinuousBatcher` on this model: up to
+        ``max_requests`` rows (default ``batch_size``) per step, a paged KV cache of ``cache_tokens`` tokens
+        (default: max_requests x the context, capped). Its sampling settings are as explicit as
+        :meth:`generation_config`'s (the placeholders below only make the engine build its per-request
+        temperature and top-p processors; every request passes its own)."""
+        config = self.generation_config(SamplingParams(temperature=0.5, top_p=0.5, max_new_tokens=1))
+        config.min_p = None  # no min-p processor at all (the engine cannot run it per request)
+        return ContinuousBatcher(self.model, config, self.eos_ids, max_requests=max_requests or self.batch_size,
+                                 context_length=self.context_length or 2048, cache_tokens=cache_tokens)
 
     def generation_config(self, params: SamplingParams) -> GenerationConfig:
         """Every setting that shapes sampling, explicit: temperature and top-p only (no top-k)."""
@@ -93,7 +114,7 @@ class HFBackend:
             processors = LogitsProcessorList([RowSeededSampler(params, seeds, self.device)])
         out = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device),
                                   generation_config=config, logits_processor=processors, streamer=streamer)
-        return _truncate_at_eos(out[:, width:].cpu().numpy(), self.eos_ids)
+        return list(out[:, width:].cpu().numpy())
 
     @torch.no_grad()
     def score(self, sequences: list[list[int]], starts: list[int], top_k: int,
@@ -182,12 +203,3 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
         input_ids[i, width - len(p):] = torch.as_tensor(p, dtype=torch.long)
         attention[i, width - len(p):] = 1
     return input_ids, attention
-
-
-def _truncate_at_eos(generated: np.ndarray, eos_ids: list[int]) -> tuple[list[np.ndarray], list[str]]:
-    """Keep tokens up to and including the first EOS; rows without EOS finished by length."""
-    is_eos = np.isin(generated, eos_ids)
-    has_eos = is_eos.any(axis=1)
-    lengths = np.where(has_eos, is_eos.argmax(axis=1) + 1, generated.shape[1])
-    rows = [generated[i, :n].astype(np.int32) for i, n in enumerate(lengths)]
-    return rows, ["stop" if h else "length" for h in has_eos]

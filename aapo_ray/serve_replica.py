@@ -4,18 +4,23 @@ GPU-only and unverified here). Routes: ``POST /v1/completions``, ``POST /v1/chat
 (both with ``stream: true`` as server-sent events), ``GET /v1/models``, ``GET /health``. Log-probs
 (``logprobs``, ``top_logprobs``) and ``echo``: :mod:`aapo_ray.serve_logprobs`.
 
-Batching: every request goes through ``@serve.batch`` (an async-generator batch handler), so
-concurrent requests share ``generate`` calls; inside a batch, requests are grouped by identical
-sampling parameters (the seed aside) and each group is one ``backend.generate`` call. Every choice is
-sampled with a seed of its own (``row_seeds(seed, choices)`` of a request's ``seed``, else random), so a
-seeded request's text does not depend on the requests it shares a batch with, and equals what
-``aapo eval`` samples locally for the same seed. Streaming is real and
-incremental with the ``hf`` backend: ``HFBackend.generate`` takes a batched streamer and each request's
-text is decoded as its tokens arrive, holding back a partial character or a possible stop-string
-prefix. The final text of every choice is ``backend.generate``'s own (EOS and stop handling
-included). With ``sglang`` a stream gets its text in one chunk when generation ends.
-``batch_wait_timeout_s`` (0.01) favours latency; raise it (e.g. 0.05) for throughput under many
-concurrent clients. The model directory must be readable on every node that runs a replica.
+Batching, ``batching: continuous`` (the ``hf`` default): every row of every request joins one running
+continuous batch (transformers' engine, :mod:`aapo_ray.serve_continuous`) the moment it is validated
+and leaves it when it ends, whatever its sampling settings; each row streams its own tokens, and a
+request that times out or whose client goes away has its rows dropped from the engine at the next
+step. ``batching: grouped`` (and ``sglang``): every request goes through ``@serve.batch`` (an
+async-generator batch handler); inside a batch, requests are grouped by identical sampling
+parameters (the seed aside) and each group is one ``backend.generate`` call, streamed through a batched streamer
+(``hf``; ``sglang``: a stream gets its text in one chunk when generation ends);
+``batch_wait_timeout_s`` (0.01) favours latency. Either way each stream's text is decoded as its
+tokens arrive, holding back a partial character or a possible stop-string prefix, and the final
+text of every choice is the backend's own (EOS and stop handling included). The model directory
+must be readable on every node that runs a replica.
+
+Seeds: every choice is sampled with a seed of its own (``row_seeds(seed, choices)`` of a request's
+``seed``, else random in the grouped path), so a seeded request's text does not depend on the requests
+it shares a batch with, and equals what ``aapo eval`` samples locally for the same seed. The continuous
+engine has one random stream, so a seeded request is generated with the engine paused.
 
 Hostile or broken clients (all limits per replica, OpenAI-style JSON errors, tested over raw sockets):
 
@@ -26,9 +31,10 @@ Hostile or broken clients (all limits per replica, OpenAI-style JSON errors, tes
   headers are in, so this bounds how long such a client holds one of ``max_ongoing_requests``;
 - request not answered within ``request_timeout_s`` (300 s, ``--request-timeout-s``; body, queue
   and generation together): 504 ``request_timeout``, or in a stream an ``{"error": ...}`` event
-  then ``[DONE]``. A request that times out (or whose client goes away) before its batch started
-  is dropped from the queue; one already generating finishes its share of the batch (batched
-  generation cannot drop a row) and its result is discarded;
+  then ``[DONE]``. Continuous batching drops such a request's rows at once; grouped batching drops
+  one that times out (or whose client goes away) before its batch started from the queue, and one
+  already generating finishes its share of the batch (batched generation cannot drop a row) and
+  its result is discarded;
 - more than ``max_pending_requests`` requests (answered or abandoned, still queued or generating)
   in the replica: 503 ``server_overloaded`` with ``Retry-After``;
 - a client that stops reading a stream holds only its own connection in Serve's HTTP proxy: the
@@ -69,6 +75,7 @@ from aapo_ray.openai_api import (MAX_PROMPTS, APIError, ChatRequest, CompletionR
                                  completion_body, include_usage, model_card, models_body, new_id, parse_request,
                                  prompt_token_ids, resolve_max_tokens, sse, stop_strings, usage_chunk)
 from aapo_ray.sampling import Completions, SamplingParams, row_seeds
+from aapo_ray.serve_continuous import ContinuousJobs
 from aapo_ray.serve_logprobs import LogprobRequest, choice, logprob_request, prompt_texts, score_rows
 
 log = logging.getLogger(__name__)
@@ -85,9 +92,14 @@ class ServeOptions(BaseModel):
     trust_remote_code: bool = Field(False, description="run the checkpoint's own Python code")
     allow_pickle: bool = Field(False, description="load .bin (pickle) weights")
     torch_threads: int = Field(1, ge=1, description="torch threads per replica")
-    generation_batch_size: int = Field(64, ge=1, description="rows per hf generate call")
-    max_batch_size: int = Field(16, ge=1, description="requests per @serve.batch batch")
-    batch_wait_timeout_s: float = Field(0.01, ge=0, description="seconds a batch waits to fill")
+    batching: Literal["continuous", "grouped"] = Field(
+        "continuous", description="continuous (hf): every row joins and leaves one running batch at each decoding "
+        "step; grouped: @serve.batch batches, one generate call per distinct sampling params (sglang: always)")
+    generation_batch_size: int = Field(64, ge=1, description="rows per hf generate call or continuous-batching step")
+    kv_cache_tokens: Optional[int] = Field(None, ge=1, description="continuous batching's KV cache, in tokens "
+                                           "(default: generation_batch_size x the context, at most 262144)")
+    max_batch_size: int = Field(16, ge=1, description="requests per @serve.batch batch (grouped)")
+    batch_wait_timeout_s: float = Field(0.01, ge=0, description="seconds a batch waits to fill (grouped)")
     max_tokens_limit: Optional[int] = Field(None, ge=1, description="largest max_tokens (default: the context)")
     max_n: int = Field(16, ge=1, description="largest n per request")
     max_logprobs: int = Field(20, ge=0, description="largest logprobs / top_logprobs per request")
@@ -184,6 +196,14 @@ class OpenAIServer:
         self.can_stream = isinstance(self.backend, HFBackend)  # token by token; sglang: one chunk at the end
         self.batched = serve.batch(max_batch_size=o.max_batch_size,
                                    batch_wait_timeout_s=o.batch_wait_timeout_s)(self._run_batch)
+        self.continuous = None
+        if o.batching == "continuous" and isinstance(self.backend, HFBackend):
+            engine = self.backend.continuous_batching(o.generation_batch_size, o.kv_cache_tokens)
+            self.continuous = ContinuousJobs(self.backend, engine, self.pool, self.eos_ids)
+
+    def __del__(self):  # Serve calls it when it stops the replica: stop the engine's thread
+        if getattr(self, "continuous", None) is not None:
+            self.continuous.engine.close()
 
     # -------------------------------------------------------------------- generation
     def _generate(self, prompts, params, streamer, specs, seeds):
@@ -294,6 +314,24 @@ class OpenAIServer:
         return APIError(504, f"the request did not finish within request_timeout_s={self.o.request_timeout_s:g}s; "
                         "ask for fewer tokens or retry later", type="server_error", code="request_timeout")
 
+    async def _continuous_events(self, job: Job, deadline: float):
+        """The job's events from the continuous-batching engine, until ``deadline`` (then a 504); leaving
+        early (deadline, client gone) cancels the job's rows in the engine at once."""
+        events, token = self.continuous.events(job), object()
+        self.pumps.add(token)
+        try:
+            while True:
+                try:
+                    event = await asyncio.wait_for(events.__anext__(), max(0.0, deadline - time.monotonic()))
+                except StopAsyncIteration:
+                    break
+                except asyncio.TimeoutError:
+                    raise self._timeout() from None
+                yield event
+        finally:
+            self.pumps.discard(token)
+            await events.aclose()
+
     async def _events(self, job: Job, deadline: float):
         """The job's events, until ``deadline`` (then a 504 :class:`APIError`).
 
@@ -302,6 +340,10 @@ class OpenAIServer:
         queue. Once started, the task reads the stream to its end (cancelling it then would leave
         serve.batch's later per-step futures never awaited), and the events are discarded.
         """
+        if self.continuous is not None:
+            async for event in self._continuous_events(job, deadline):
+                yield event
+            return
         results, queue = self.batched(job), asyncio.Queue()
 
         async def pump():

@@ -1,14 +1,19 @@
 """Throughput and latency of ``aapo serve`` against the same model's bare in-process ``generate``.
 
 For each concurrency C: C client threads send non-streaming ``/v1/completions`` requests (greedy,
-fixed ``max_tokens``) over HTTP to a one-replica Serve app on a local Ray cluster; requests/s and
+fixed ``max_tokens``) over HTTP to one-replica Serve apps on a local Ray cluster; requests/s and
 p50/p95 latency are measured, plus the time to the first streamed token (p50) with C streaming
-clients. The baseline is ``HFBackend.generate`` called in this process on batches of C of the same
-prompts (what perfect batching with zero serving overhead would give); the ratio is Serve req/s
-over bare req/s. Both use one torch thread (the replica's default).
+clients. Two Serve apps run side by side, one per batching mode: ``continuous`` (the default: every
+row joins transformers' continuous-batching engine as it arrives) and ``grouped`` (``@serve.batch``,
+one ``generate`` per identical sampling params). The baseline is ``HFBackend.generate`` called in
+this process on batches of C of the same prompts (what perfect batching with zero serving overhead
+would give); next to it, the same model's continuous-batching engine alone in this process (rounds of
+C requests submitted at once: ``engine`` in the table, its req/s over bare). Arms run interleaved, round by round (bare, continuous, grouped, rotated each round),
+and each ratio (Serve req/s over bare req/s) is taken per round, then the median: absolute times on a
+shared machine drift. Everything uses one torch thread (the replica's default).
 
-Usage: python benchmarks/serve_bench.py [--quick] [--model DIR] [--concurrency 1 4 16]
-Writes benchmarks/results/serve_bench.json.
+Usage: python benchmarks/serve_bench.py [--quick] [--model DIR] [--concurrency 1 4 16] [--rounds 3]
+Writes benchmarks/results/serve_bench.json (serve_bench_quick.json with --quick).
 """
 
 import argparse
@@ -46,6 +51,33 @@ def bare(backend, prompts, concurrency, rounds, max_tokens):
         t = time.perf_counter()
         backend.generate(batch, params)
         lat += [time.perf_counter() - t] * concurrency
+    wall = time.perf_counter() - start
+    return {"req_s": concurrency * rounds / wall, "p50_s": pct(lat, 50), "p95_s": pct(lat, 95)}
+
+
+def bare_continuous(engine, tokenizer, prompts, concurrency, rounds, max_tokens):
+    """The continuous-batching engine alone, in this process: rounds of C requests submitted at once."""
+    import asyncio
+
+    from aapo_ray.sampling import SamplingParams
+
+    params = SamplingParams(temperature=0, max_new_tokens=max_tokens)
+    ids = [tokenizer(p)["input_ids"] for p in prompts]
+
+    async def one_round(r):
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in range(concurrency)]
+        t = time.perf_counter()
+        for i, f in enumerate(futures):
+            engine.submit(ids[(r * concurrency + i) % len(ids)], params,
+                          lambda out, f=f: out.is_finished() and not f.done() and f.set_result(out), stream=False)
+        await asyncio.gather(*futures)
+        return time.perf_counter() - t
+
+    asyncio.run(one_round(0))  # warm-up
+    lat, start = [], time.perf_counter()
+    for r in range(rounds):
+        lat += [asyncio.run(one_round(r))] * concurrency
     wall = time.perf_counter() - start
     return {"req_s": concurrency * rounds / wall, "p50_s": pct(lat, 50), "p95_s": pct(lat, 95)}
 
@@ -89,17 +121,22 @@ def served(url, prompts, concurrency, per_client, max_tokens, stream=False):
     return {"req_s": concurrency * per_client / wall, "p50_s": pct(lat, 50), "p95_s": pct(lat, 95)}
 
 
+MODES = ("continuous", "grouped")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", help="HF model dir or run dir (default: the built-in tiny model)")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--requests", type=int, default=64, help="requests per concurrency level (serve)")
-    ap.add_argument("--batch-wait", type=float, default=0.01, help="Serve's batch_wait_timeout_s")
-    ap.add_argument("--quick", action="store_true", help="fewer requests (< ~2 min)")
-    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "serve_bench.json"))
+    ap.add_argument("--requests", type=int, default=64, help="requests per concurrency level, arm and round")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (ratios: median over rounds)")
+    ap.add_argument("--batch-wait", type=float, default=0.01, help="grouped mode's batch_wait_timeout_s")
+    ap.add_argument("--quick", action="store_true", help="fewer requests and rounds (a few minutes)")
+    ap.add_argument("--out", help="JSON path (default: benchmarks/results/serve_bench[_quick].json)")
     args = ap.parse_args()
-    total = 32 if args.quick else args.requests
+    total, rounds = (32, 2) if args.quick else (args.requests, args.rounds)
+    out = Path(args.out or REPO / "benchmarks" / "results" / f"serve_bench{'_quick' if args.quick else ''}.json")
 
     import torch
     from ray import serve
@@ -118,45 +155,71 @@ def main() -> int:
 
         model_dir = default_model_path(progress=False)
     prompts = SyntheticTask().prompts("test", 64)
-
     backend = HFBackend.load(model_dir, device="cpu")
-    base = {c: bare(backend, prompts, c, max(2, total // c), args.max_tokens) for c in args.concurrency}
-    del backend
+    engine = backend.continuous_batching(max(args.concurrency))  # idle while `bare` generates
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     init_ray(num_cpus=2, namespace="serve-bench")
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(model_dir, name="bench", max_batch_size=max(args.concurrency), num_cpus=1,
-                        batch_wait_timeout_s=args.batch_wait),
-              name="serve-bench", route_prefix="/")
-    url = f"http://127.0.0.1:{port}"
-    served(url, prompts, 2, 2, args.max_tokens)  # warm-up
-    rows = []
+    for mode in MODES:
+        serve.run(build_app(model_dir, name="bench", batching=mode, max_batch_size=max(args.concurrency),
+                            num_cpus=1, batch_wait_timeout_s=args.batch_wait),
+                  name=f"serve-bench-{mode}", route_prefix=f"/{mode}")
+    urls = {mode: f"http://127.0.0.1:{port}/{mode}" for mode in MODES}
+    for url in urls.values():
+        served(url, prompts, 2, 2, args.max_tokens)  # warm-up
+    results = {c: {arm: [] for arm in ("bare", *MODES)} for c in args.concurrency}
     try:
-        for c in args.concurrency:
-            per_client = max(1, total // c)
-            res = served(url, prompts, c, per_client, args.max_tokens)
-            ttft = served(url, prompts, c, max(1, per_client // 2), args.max_tokens, stream=True)
-            rows.append({"concurrency": c, "serve": res, "serve_stream_ttft_p50_s": ttft["p50_s"],
-                         "bare_generate": base[c], "ratio_req_s": res["req_s"] / base[c]["req_s"]})
+        for r in range(rounds):
+            for c in args.concurrency:
+                per_client = max(1, total // c)
+                arms = ["bare", *MODES]
+                for arm in arms[r % 3:] + arms[:r % 3]:  # rotate the order each round
+                    if arm == "bare":
+                        res = bare(backend, prompts, c, max(2, total // c), args.max_tokens)
+                        res["engine_alone_req_s"] = bare_continuous(engine, backend.tokenizer, prompts, c,
+                                                                    max(2, total // c), args.max_tokens)["req_s"]
+                    else:
+                        res = served(urls[arm], prompts, c, per_client, args.max_tokens)
+                        res["ttft_p50_s"] = served(urls[arm], prompts, c, max(1, per_client // 2), args.max_tokens,
+                                                   stream=True)["p50_s"]
+                    results[c][arm].append(res)
+                    print(f"round {r + 1}/{rounds} c={c} {arm}: {res['req_s']:.1f} req/s", flush=True)
     finally:
         serve.shutdown()
+        engine.close()
 
-    print(f"\nmodel {model_dir}, max_tokens {args.max_tokens}, greedy, 1 torch thread, {os.cpu_count()} CPUs")
-    print(f"{'conc':>4} | {'serve req/s':>11} {'p50 ms':>8} {'p95 ms':>8} {'ttft p50':>8} | "
-          f"{'bare req/s':>10} {'p50 ms':>8} {'p95 ms':>8} | {'ratio':>5}")
+    rows = []
+    for c, arms in results.items():
+        row = {"concurrency": c}
+        for arm, runs in arms.items():
+            row[arm] = {k: statistics.median(run[k] for run in runs) for k in runs[0]}
+            row[arm]["per_round"] = runs
+            if arm == "bare":
+                row["ratio_engine_alone"] = statistics.median(run["engine_alone_req_s"] / run["req_s"] for run in runs)
+            else:
+                row[f"ratio_{arm}"] = statistics.median(run["req_s"] / b["req_s"] for run, b in zip(runs, arms["bare"]))
+        rows.append(row)
+
+    print(f"\nmodel {model_dir}, max_tokens {args.max_tokens}, greedy, 1 torch thread, {os.cpu_count()} CPUs, "
+          f"{rounds} interleaved rounds x {total} requests per arm; medians, ratios per round")
+    print(f"{'conc':>4} | {'bare req/s':>10} {'engine':>7} | {'continuous':>10} {'ratio':>5} {'p50 ms':>7} {'ttft ms':>7} | "
+          f"{'grouped':>8} {'ratio':>5} {'p50 ms':>7} {'ttft ms':>7}")
     for r in rows:
-        s, b = r["serve"], r["bare_generate"]
-        print(f"{r['concurrency']:>4} | {s['req_s']:>11.1f} {s['p50_s'] * 1e3:>8.0f} {s['p95_s'] * 1e3:>8.0f} "
-              f"{r['serve_stream_ttft_p50_s'] * 1e3:>8.0f} | {b['req_s']:>10.1f} {b['p50_s'] * 1e3:>8.0f} "
-              f"{b['p95_s'] * 1e3:>8.0f} | {r['ratio_req_s']:>5.2f}")
-    out = Path(args.out)
+        cells = [f"{r['concurrency']:>4}", f"{r['bare']['req_s']:>10.1f} {r['ratio_engine_alone']:>7.2f}"]
+        for mode, width in (("continuous", 10), ("grouped", 8)):
+            m = r[mode]
+            cells.append(f"{m['req_s']:>{width}.1f} {r['ratio_' + mode]:>5.2f} {m['p50_s'] * 1e3:>7.0f} "
+                         f"{m['ttft_p50_s'] * 1e3:>7.0f}")
+        print(" | ".join(cells))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"model": model_dir, "max_tokens": args.max_tokens, "quick": args.quick,
+                               "rounds": rounds, "requests_per_arm": total,
                                "batch_wait_timeout_s": args.batch_wait, "cpus": os.cpu_count(),
-                               "machine": platform.machine(), "results": rows}, indent=1))
+                               "loadavg_at_end": os.getloadavg(), "machine": platform.machine(),
+                               "results": rows}, indent=1))
     print(f"wrote {out}")
     return 0
 

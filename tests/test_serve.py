@@ -428,12 +428,13 @@ def test_stalled_stream_reader_and_abrupt_disconnects(server, client, questions)
 
 @pytest.fixture(scope="module")
 def timeout_server(server, tiny_model_path):
-    """A second app whose batches wait 1 s to fill but whose requests may take 0.3 s: every request times out."""
+    """A second app (grouped batching) whose batches wait 1 s to fill but whose requests may take 0.3 s: every
+    request times out. Continuous batching's deadline: test_serve_continuous.py."""
     from ray import serve
 
     from aapo_ray.serve import build_app
 
-    app = build_app(tiny_model_path, name="slow", request_timeout_s=0.3, batch_wait_timeout_s=1.0,
+    app = build_app(tiny_model_path, name="slow", request_timeout_s=0.3, batching="grouped", batch_wait_timeout_s=1.0,
                     max_batch_size=64, num_cpus=0.5)
     serve.run(app, name="aapo-serve-timeout", route_prefix="/slow")
     yield f"{server}/slow"
@@ -483,6 +484,7 @@ def bare_server(reference, monkeypatch):
         srv = object.__new__(OpenAIServer)
         srv.backend, srv.tokenizer, srv.eos_ids = SlowBackend(), reference.tokenizer, {2}
         srv.pool, srv.streamer, srv.can_stream, srv.pumps = ThreadPoolExecutor(1), None, False, set()
+        srv.continuous = None  # the grouped (@serve.batch) path
         srv.o, srv.key_hash, srv.name = ServeOptions(**options), None, NAME
         srv.vocab, srv.context, srv.max_tokens = len(reference.tokenizer), 128, 128
         srv.batched = serve.batch(max_batch_size=8, batch_wait_timeout_s=wait)(srv._run_batch)
