@@ -13,7 +13,7 @@ from aapo_ray.backends import HFBackend
 from aapo_ray.continuous_batching import ContinuousBatcher, GreedyAwareTemperature
 from aapo_ray.models import load_model_and_tokenizer
 from aapo_ray.openai_api import APIError
-from aapo_ray.sampling import SamplingParams
+from aapo_ray.sampling import SamplingParams, row_seeds
 from aapo_ray.serve_continuous import ContinuousJobs
 from aapo_ray.serve_logprobs import LogprobRequest, score_rows
 from aapo_ray.serve_replica import Job, OpenAIServer, ServeOptions
@@ -92,7 +92,7 @@ def test_seeded_requests_repeat_and_logprobs_equal_a_forward_pass(jobs, referenc
     seeded = SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=12, seed=7)
     first, again = (asyncio.run(_collect(jobs, Job(prompts[:2], 2, seeded, True))) for _ in range(2))
     assert first == again
-    want = reference.generate([p for p in prompts[:2] for _ in range(2)], seeded)
+    want = reference.generate([p for p in prompts[:2] for _ in range(2)], seeded, seeds=row_seeds(7, 4))  # per choice
     assert [_done(first)[c][0] for c in range(4)] == want.texts
 
     events = asyncio.run(_collect(jobs, Job([prompts[1]], 1, GREEDY, False, LogprobRequest(3, False))))
