@@ -165,19 +165,26 @@ class HFBackend:
 class RowSeededSampler(LogitsProcessor):
     """Temperature + top-p sampling (transformers' own warpers) with one ``torch.Generator`` per row, as a
     logits processor that leaves only the drawn token for a greedy ``generate`` to take: row ``i``'s draws
-    come from ``seeds[i]`` alone, whatever else is in the batch."""
+    come from ``seeds[i]`` alone, whatever else is in the batch. Each row's uniforms for the whole call
+    are drawn once up front (one generator call per row, not per row and step); a step then samples every
+    row at once by inverting its CDF."""
 
     def __init__(self, params: SamplingParams, seeds: list[int], device):
         warpers = [TemperatureLogitsWarper(params.temperature)]
         if params.top_p < 1.0:
             warpers.append(TopPLogitsWarper(params.top_p))
         self.warpers = LogitsProcessorList(warpers)
-        self.generators = [torch.Generator(device=device).manual_seed(int(s) % 2**64) for s in seeds]
+        self.uniforms = torch.stack([
+            torch.rand(params.max_new_tokens, generator=torch.Generator().manual_seed(int(s) % 2**64),
+                       dtype=torch.float64) for s in seeds]).to(device)
+        self.step = 0
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
-        probs = self.warpers(input_ids, scores).float().softmax(dim=-1)
-        drawn = torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, self.generators)])
-        return torch.full_like(scores, float("-inf")).scatter_(1, drawn[:, None], 0.0)
+        cdf = self.warpers(input_ids, scores).double().softmax(dim=-1).cumsum(dim=-1)
+        u = self.uniforms[:, self.step:self.step + 1] * cdf[:, -1:]  # the first token whose CDF passes u
+        self.step += 1
+        drawn = torch.searchsorted(cdf, u, right=True).clamp_(max=scores.shape[-1] - 1)
+        return torch.full_like(scores, float("-inf")).scatter_(1, drawn, 0.0)
 
 
 def make_backend(kind: str, model_path: str, *, trust_remote_code: bool = False, dtype: str = "float32",

@@ -240,7 +240,8 @@ def evaluate_model(model: dict, problems: list[dict], args, s: dict, writer: pq.
     gpus = args.gpus_per_generator if args.gpus_per_generator is not None else (1.0 if backend == "sglang" else 0.0)
     ds = build_dataset(problems, generate_kwargs=gen, endpoint=args.endpoint, generators=args.generators,
                        cpus_per_generator=args.cpus_per_generator, gpus_per_generator=0.0 if args.endpoint else gpus,
-                       scorers=args.scorers, score_timeout_s=args.score_timeout, problems_per_batch=args.problems_per_batch)
+                       scorers=args.scorers, score_timeout_s=args.score_timeout,
+                       problems_per_batch=args.problems_per_batch or max(1, args.generation_batch_size // s["samples"]))
     bars = {name: tqdm(total=n * s["samples"], desc=f"{model['label']} {name}", unit="sample", leave=True,
                        disable=args.quiet) for name, n in totals.items()}
     try:
@@ -347,7 +348,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     eng.add_argument("--gpus-per-generator", type=float, help="default: 1 for sglang, 0 for hf")
     eng.add_argument("--generation-batch-size", type=int, default=64, help="hf: rows per generate call")
     eng.add_argument("--torch-threads", type=int, default=1)
-    eng.add_argument("--problems-per-batch", type=int, default=4, help="problems per Ray Data batch")
+    eng.add_argument("--problems-per-batch", type=int,
+                     help="problems per Ray Data batch, sampled in one engine call (default: "
+                          "--generation-batch-size / k, at least 1)")
     eng.add_argument("--scorers", type=int, default=1, help="scoring actors")
     eng.add_argument("--score-timeout", type=float, default=5.0, help="math-verify seconds per sample")
     eng.add_argument("--trust-remote-code", action="store_true")

@@ -135,7 +135,8 @@ class Score:
 def build_dataset(problems: list[dict], *, generate_kwargs: dict, endpoint: str | None, generators: int,
                   cpus_per_generator: float, gpus_per_generator: float, scorers: int, score_timeout_s: float,
                   problems_per_batch: int):
-    """The lazy Ray Data pipeline (nothing runs until it is iterated)."""
+    """The lazy Ray Data pipeline (nothing runs until it is iterated). ``scorers=0``: no scoring stage
+    (generation alone, as ``benchmarks/eval_throughput.py`` measures it)."""
     ds = ray.data.from_items(problems)
     common = dict(batch_format="pyarrow", batch_size=problems_per_batch, compute=ray.data.ActorPoolStrategy(size=generators))
     if endpoint:
@@ -144,6 +145,8 @@ def build_dataset(problems: list[dict], *, generate_kwargs: dict, endpoint: str 
     else:
         ds = ds.map_batches(Generate, fn_constructor_kwargs=generate_kwargs, num_cpus=cpus_per_generator,
                             num_gpus=gpus_per_generator or None, **common)
+    if scorers == 0:
+        return ds
     return ds.map_batches(Score, fn_constructor_kwargs={"timeout_s": score_timeout_s}, batch_format="pyarrow",
                           batch_size=None, compute=ray.data.ActorPoolStrategy(size=scorers),
                           num_cpus=0.5)

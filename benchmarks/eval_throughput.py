@@ -9,7 +9,9 @@ scoring included). Both on the embedded model, same prompts (synthetic test prob
 (a Ray Data batch holds ``rollout.prompts_per_step`` problems unless ``--problems-per-batch`` says
 otherwise). Generated tokens per second of wall time; the eval arm is timed from its first output batch to
 its last (steady state: its actors loaded, the first batch's tokens not counted) and also end to end
-(actor start-up included). Arms are interleaved (training, eval, training, eval, ...); ratios per round.
+(actor start-up included). A third arm runs the eval pipeline without its scoring stage (generation
+alone, like the training arm: on 2 cores the math-verify scorer competes with generation). Arms are
+interleaved (training, eval, eval without scoring, training, ...); ratios per round.
 
 Usage: python benchmarks/eval_throughput.py [--problems 512] [--samples 4] [--rounds 2]
 """
@@ -57,14 +59,14 @@ def training_arm(pool, probs: list[dict], k: int, per_step: int) -> dict:
     return {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall}
 
 
-def eval_arm(model_path: str, probs: list[dict], k: int, per_batch: int) -> dict:
+def eval_arm(model_path: str, probs: list[dict], k: int, per_batch: int, scorers: int = 1) -> dict:
     from aapo_ray.eval_pipeline import build_dataset
 
     cfg = C.defaults()
     gen = dict(backend="hf", model_path=model_path, samples=k, temperature=cfg.rollout.temperature,
                top_p=cfg.rollout.top_p, torch_threads=1, batch_size=cfg.rollout.generation_batch_size)
     ds = build_dataset(probs, generate_kwargs=gen, endpoint=None, generators=1, cpus_per_generator=1.0,
-                       gpus_per_generator=0.0, scorers=1, score_timeout_s=5.0, problems_per_batch=per_batch)
+                       gpus_per_generator=0.0, scorers=scorers, score_timeout_s=5.0, problems_per_batch=per_batch)
     start = time.perf_counter()
     first, tokens, after_first = None, 0, 0
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
@@ -99,18 +101,20 @@ def main() -> None:
     a.problems_per_batch = a.problems_per_batch or cfg.rollout.prompts_per_step
     pool = GeneratorPool(cfg, model_path, replicas=1)
     res = C.interleave({"training": lambda r: training_arm(pool, probs, a.samples, cfg.rollout.prompts_per_step),
-                        "eval": lambda r: eval_arm(model_path, probs, a.samples, a.problems_per_batch)}, a.rounds)
+                        "eval": lambda r: eval_arm(model_path, probs, a.samples, a.problems_per_batch),
+                        "eval_generation_only": lambda r: eval_arm(model_path, probs, a.samples, a.problems_per_batch,
+                                                                   scorers=0)}, a.rounds)
     pool.shutdown()
-    ratios = [e["steady_tokens_per_s"] / t["tokens_per_s"] for t, e in zip(res["training"], res["eval"])]
-    e2e = [e["tokens_per_s"] / t["tokens_per_s"] for t, e in zip(res["training"], res["eval"])]
-    rows = [{"arm": "training generator", "tokens/s": statistics.median(r["tokens_per_s"] for r in res["training"])},
-            {"arm": "aapo eval (steady)", "tokens/s": statistics.median(r["steady_tokens_per_s"] for r in res["eval"])},
-            {"arm": "aapo eval (end to end)", "tokens/s": statistics.median(r["tokens_per_s"] for r in res["eval"])}]
-    print(C.table(rows))
-    print(f"eval / training tokens/s per round: steady {[round(x, 3) for x in ratios]} (median "
-          f"{statistics.median(ratios):.3f}); end to end {[round(x, 3) for x in e2e]}")
-    path = C.save("eval_throughput", {"machine": C.machine(), "args": vars(a), "rounds": res,
-                                      "ratio_steady": ratios, "ratio_end_to_end": e2e})
+    rows, ratios = [{"arm": "training generator", "tokens/s": statistics.median(r["tokens_per_s"] for r in res["training"])}], {}
+    for arm in ("eval", "eval_generation_only"):
+        for kind, key in (("steady", "steady_tokens_per_s"), ("end to end", "tokens_per_s")):
+            ratios[f"{arm} {kind}"] = [e[key] / t["tokens_per_s"] for t, e in zip(res["training"], res[arm])]
+            rows.append({"arm": f"aapo {arm.replace('_', ' ')} ({kind})",
+                         "tokens/s": statistics.median(r[key] for r in res[arm]),
+                         "/ training (median of rounds)": statistics.median(ratios[f"{arm} {kind}"])})
+    print(C.table(rows, ["arm", "tokens/s", "/ training (median of rounds)"]))
+    print("per round: " + "; ".join(f"{k} {[round(x, 3) for x in v]}" for k, v in ratios.items()))
+    path = C.save("eval_throughput", {"machine": C.machine(), "args": vars(a), "rounds": res, "ratios": ratios})
     print(f"wrote {path}")
 
 
