@@ -105,6 +105,7 @@ class GeneratorPool:
     """
 
     role = "policy"
+    actor_class = GeneratorActor  # its name is the actor processes' title (ray::GeneratorActor)
 
     def __init__(self, cfg: Config, model_path: str, replicas: int | None = None, *, wait: bool = True):
         """Start the replicas; ``wait=False`` returns at once (call :meth:`wait_ready` before use), so that
@@ -125,7 +126,7 @@ class GeneratorPool:
     def _new_actor(self, replica: int):
         roll = self.cfg.rollout
         resources = self.cfg.ray.role_resources.get(self.role, {})
-        return ray.remote(GeneratorActor).options(
+        return ray.remote(self.actor_class).options(
             num_cpus=roll.cpus_per_replica, num_gpus=roll.gpus_per_replica, resources=resources or None,
             max_restarts=3, max_task_retries=0).remote(self.cfg, self.model_path, self.role, replica)
 

@@ -42,7 +42,7 @@ import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
-ACTOR_ROLES = ("GeneratorActor", "RewardScorer", "LearnerActor")
+ACTOR_ROLES = ("GeneratorActor", "ReferenceActor", "RewardScorer", "LearnerActor")
 
 
 def role_of(proc: psutil.Process, driver_pid: int) -> str:

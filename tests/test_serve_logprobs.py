@@ -137,14 +137,18 @@ def test_completion_logprobs_and_echo_equal_forward_pass(client, reference, ques
 
 def test_logprobs_are_the_models_not_the_sampling_temperatures(client, reference, questions):
     """A sampled completion (temperature 1.7, top_p 0.9) reports log_softmax(logits) at temperature 1."""
+    from aapo_ray.sampling import SamplingParams
+
     tok = reference.tokenizer
     got = client.completions.create(model=NAME, prompt=questions[0], max_tokens=10, temperature=1.7, top_p=0.9,
                                     seed=3, logprobs=0, echo=True)
     prompt = tok(questions[0])["input_ids"]
     lp = got.choices[0].logprobs
-    ids = tok(got.choices[0].text)["input_ids"]  # this tokenizer re-encodes the sampled text to the same ids
-    ids += [tok.eos_token_id] if lp.tokens[-1] == tok.eos_token else []  # the EOS is a token, not text
-    assert ids[:len(prompt)] == prompt and "".join(got.choices[0].logprobs.tokens) == tok.decode(ids)
+    # what Serve sampled: a seeded request's choice 0 is sampled with row seed 3 (row_seeds(3, 1))
+    sampled = reference.generate([prompt], SamplingParams(temperature=1.7, top_p=0.9, max_new_tokens=10), seeds=[3])
+    ids = prompt + [int(t) for t in sampled.token_ids[0]]
+    assert got.choices[0].text == tok.decode(ids, skip_special_tokens=True)
+    assert "".join(lp.tokens) == tok.decode(ids) and len(lp.tokens) == len(ids)
     logp = _forward(reference, ids)
     for i in range(1, len(ids)):
         assert abs(lp.token_logprobs[i] - logp[i - 1, ids[i]].item()) < TOL
