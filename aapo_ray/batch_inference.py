@@ -25,7 +25,7 @@ class BackendSampler:
                  dtype: str = "float32", trust_remote_code: bool = False, torch_threads: int = 1,
                  batch_size: int = 64, deterministic: bool = False, allow_pickle: bool = False):
         setup_actor_process(torch_threads)
-        self.kind, self.k = backend, samples
+        self.k = samples
         self.temperature, self.top_p = temperature, top_p
         self.backend = make_backend(backend, model_path, trust_remote_code=trust_remote_code, dtype=dtype,
                                     device="cpu" if backend == "hf" and not _has_gpu() else None,
@@ -41,21 +41,24 @@ class BackendSampler:
         by_budget: dict[int, list[int]] = {}
         for i, m in enumerate(max_new_tokens):
             by_budget.setdefault(int(m), []).append(i)
-        k = self.k
         for budget, idx in by_budget.items():
-            done = self.backend.generate([prompt_ids[i] for i in idx for _ in range(k)], self.params(budget, seeds[idx[0]]),
-                                         seeds=[s for i in idx for s in row_seeds(seeds[i], k)])
-            for j, i in enumerate(idx):
-                rows = slice(j * k, (j + 1) * k)
-                out[i] = Completions(done.token_ids[rows], done.texts[rows], done.finish_reasons[rows])
+            done = self.backend.generate([prompt_ids[i] for i in idx for _ in range(self.k)],
+                                         self.params(budget, seeds[idx[0]]),
+                                         seeds=[s for i in idx for s in row_seeds(seeds[i], self.k)])
+            for i, per_prompt in zip(idx, self._per_prompt(done, len(idx))):
+                out[i] = per_prompt
         return out
 
     def sample_together(self, prompt_ids: list[list[int]], max_new_tokens: int, seed: int) -> list[Completions]:
         """``k`` completions of each prompt from one generate call seeded with ``seed`` (rows ordered
         prompt by prompt, as :meth:`aapo_ray.generator.GeneratorActor.generate` orders a chunk's)."""
         done = self.backend.generate([p for p in prompt_ids for _ in range(self.k)], self.params(max_new_tokens, seed))
-        return [Completions(done.token_ids[i * self.k:(i + 1) * self.k], done.texts[i * self.k:(i + 1) * self.k],
-                            done.finish_reasons[i * self.k:(i + 1) * self.k]) for i in range(len(prompt_ids))]
+        return self._per_prompt(done, len(prompt_ids))
+
+    def _per_prompt(self, done: Completions, prompts: int) -> list[Completions]:
+        """A call's rows (``k`` per prompt, prompt by prompt) as one :class:`Completions` per prompt."""
+        rows = [slice(i * self.k, (i + 1) * self.k) for i in range(prompts)]
+        return [Completions(done.token_ids[r], done.texts[r], done.finish_reasons[r]) for r in rows]
 
 
 def _has_gpu() -> bool:
