@@ -165,6 +165,7 @@ class RunConfig(Section):
     output_dir: str = "runs"
     name: str | None = None  # run directory name; default: time stamp
     eval_every: int = Field(20, ge=0)  # 0 = only at start and end
+    eval_from: int = Field(0, ge=0)  # periodic evaluations from this step on (step 0 and the last always)
     eval_temperature: float = Field(1.0, ge=0)  # 0 = greedy
     eval_samples: int = Field(4, ge=1)  # samples per held-out prompt
     eval_top_p: float | None = Field(None, gt=0, le=1)  # None: rollout.top_p (the paper evaluates at 0.95)

@@ -27,7 +27,7 @@ from aapo_ray.launch import init_ray, interrupt_latch
 from aapo_ray.learner import LearnerError, LearnerGroup
 from aapo_ray.metrics import MetricsLogger, generate_seconds, plot_run, progress_postfix, rollout_stats, summary
 from aapo_ray.preflight import (check_cluster_fits, check_config, check_reference_cache, load_prompts, online_reference,
-                                resolve_model_path)
+                                record_model, resolve_model_path)
 from aapo_ray.recovery import Recovery
 from aapo_ray.reference import ReferencePool
 from aapo_ray.reference_build import open_reference
@@ -47,6 +47,7 @@ def train(cfg: Config, *, run_dir: str | Path | None = None, resume: bool = Fals
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(cfg))
     model_path = resolve_model_path(cfg)  # model and data problems surface before Ray starts
+    record_model(run_dir, model_path)
     train_prompts, eval_prompts = load_prompts(cfg, model_path)
     precomputed = estimator.needs_reference and cfg.algo.reference == "precomputed"
     ref_identity = check_reference_cache(cfg, model_path, train_prompts) if precomputed else None
@@ -143,7 +144,8 @@ def train(cfg: Config, *, run_dir: str | Path | None = None, resume: bool = Fals
                         "time/rollout_s": t_rollout - t0, "time/advantage_s": t_adv - t_rollout,
                         "time/train_s": t_train - t_adv, "time/sync_s": t_sync - t_train,
                     }
-                    if cfg.run.eval_every and step % cfg.run.eval_every == 0 or step == cfg.run.steps:
+                    if (cfg.run.eval_every and step % cfg.run.eval_every == 0 and step >= cfg.run.eval_from
+                            or step == cfg.run.steps):
                         metrics.update(evaluate(cfg, policy, scorers, eval_prompts))
                     metrics["time/step_s"] = time.perf_counter() - t0
                     metrics["tokens_per_s"] = metrics["completion_tokens"] / metrics["time/step_s"]

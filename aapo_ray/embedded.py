@@ -33,7 +33,7 @@ from aapo_ray.synthetic import PROMPT_TEMPLATE, SyntheticTask
 
 __all__ = ["MODEL_CODE_VERSION", "DEFAULT_RECIPE", "build_tokenizer", "build_default_model", "default_model_path",
            "default_cache_root", "resolve_recipe", "recipe_hash", "read_recipe", "evaluate_accuracy",
-           "warmstart_report"]
+           "warmstart_report", "weights_sha256", "model_identity"]
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +55,12 @@ DEFAULT_RECIPE: dict = {
     "tokenizer": {"vocab_size": 320, "corpus_size": 2000},
     "model": {"hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
               "intermediate_size": 384, "max_position_embeddings": 128},
-    # SFT stops at the first check (every eval_every steps from eval_from on) where sampled
-    # T=1 accuracy on val_n unseen train-split problems reaches target_accuracy, or at
-    # max_steps. An integer "steps" instead trains exactly that many steps, no checks.
-    "sft": {"steps": None, "max_steps": 400, "batch_size": 64, "lr": 3e-3, "warmup_steps": 30,
+    # SFT trains exactly "steps" steps: a fixed budget, so the warm start is the same recipe on
+    # every machine (an early stop on one sampled accuracy check landed at different strengths on
+    # different CPUs). "steps": None instead stops at the first check (every eval_every steps from
+    # eval_from on) where sampled T=1 accuracy on val_n unseen train-split problems reaches
+    # target_accuracy, or at max_steps. 255 is where that rule stopped on the README's machine.
+    "sft": {"steps": 255, "max_steps": 400, "batch_size": 64, "lr": 3e-3, "warmup_steps": 30,
             "weight_decay": 0.0, "num_examples": 4000, "val_n": 128, "target_accuracy": 0.3,
             "eval_from": 100, "eval_every": 5, "seed": 0, "threads": 2},
     "eval": {"n": 200, "max_new_tokens": 40, "seed": 0},
@@ -258,11 +260,34 @@ def build_default_model(out_dir, recipe: dict | None = None, *, progress: bool =
         "heldout_accuracy_t1": acc_t1,
         "heldout_accuracy_greedy": acc_greedy,
         "num_parameters": sum(p.numel() for p in model.parameters()),
+        "weights_sha256": weights_sha256(out),
     }
     (out / "recipe.json").write_text(json.dumps(
         {"recipe": rec, "code_version": MODEL_CODE_VERSION, "hash": recipe_hash(rec),
          "prompt_template": PROMPT_TEMPLATE, "build": metrics}, indent=2))
     return metrics
+
+
+def model_identity(model_path) -> dict:
+    """What a run records of its initial weights (``model.json``): the path, and for a built
+    embedded model its recipe hash, SFT steps and weights fingerprint."""
+    ident = {"path": str(model_path)}
+    recipe = Path(model_path) / "recipe.json"
+    if recipe.is_file():
+        info = json.loads(recipe.read_text())
+        build = info.get("build", {})
+        ident.update(recipe_hash=info.get("hash"), sft_steps=build.get("sft_steps"),
+                     weights_sha256=build.get("weights_sha256") or weights_sha256(model_path))
+    return ident
+
+
+def weights_sha256(model_dir) -> str:
+    """SHA-256 of a model directory's ``*.safetensors`` files: the warm start's fingerprint (two
+    machines built the same weights exactly when these agree)."""
+    h = hashlib.sha256()
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        h.update(path.name.encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------- evaluation

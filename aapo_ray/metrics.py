@@ -135,6 +135,10 @@ def summary(run_dir: Path) -> str:
     evals = [(r["step"], r["eval/accuracy"]) for r in rows if "eval/accuracy" in r]
     train = [r["reward_mean"] for r in rows if "reward_mean" in r]
     lines = [f"run directory: {run_dir}"]
+    ident = Path(run_dir) / "model.json"
+    if ident.is_file() and "weights_sha256" in (model := json.loads(ident.read_text())):
+        lines.append(f"warm start: tiny-{model['recipe_hash']}, {model['sft_steps']} SFT steps, "
+                     f"weights sha256 {model['weights_sha256'][:16]}")
     if evals:
         lines.append(f"held-out accuracy: {evals[0][1]:.3f} (step {evals[0][0]}) -> {evals[-1][1]:.3f} (step {evals[-1][0]})")
     if train:

@@ -4,6 +4,7 @@ A run that cannot work fails here, in seconds, with the field and the fix named.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -15,7 +16,7 @@ from transformers import AutoTokenizer
 from aapo_ray.algo import get_estimator
 from aapo_ray.config import EMBEDDED_MODEL, Config, ConfigError, load_config
 from aapo_ray.data import load_prompt_dataset, render_prompts
-from aapo_ray.embedded import default_model_path
+from aapo_ray.embedded import default_model_path, model_identity
 from aapo_ray.memory_plan import check_memory
 from aapo_ray.reference_cache import cache_dir, check_manifest, identity
 from aapo_ray.reward import resolve_reward_fn
@@ -59,6 +60,16 @@ def resolve_model_path(cfg: Config) -> str:
     return str(path) if path.is_dir() else cfg.model.path
 
 
+def record_model(run_dir: Path, model_path: str) -> dict:
+    """Write the run's initial weights' identity to ``model.json`` and as a comment at the end of
+    ``config.yaml`` (for the embedded default: recipe hash, SFT steps, weights SHA-256)."""
+    ident = model_identity(model_path)
+    (run_dir / "model.json").write_text(json.dumps(ident, indent=2))
+    with (run_dir / "config.yaml").open("a") as f:
+        f.write("# initial weights: " + ", ".join(f"{k}={v}" for k, v in ident.items()) + "\n")
+    return ident
+
+
 def load_prompts(cfg: Config, model_path: str) -> tuple[pa.RecordBatch, pa.RecordBatch | None]:
     """Training and held-out prompts as Arrow prompt batches (rendered and tokenised once)."""
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
@@ -86,13 +97,18 @@ def load_prompts(cfg: Config, model_path: str) -> tuple[pa.RecordBatch, pa.Recor
     return train, table(data.eval, data.eval_limit) if data.eval else None
 
 
+def run_resources(cfg: Config) -> dict[str, float]:
+    """Ray resources (CPU, GPU) that the run's actors hold together: generators, scorers, learners."""
+    r, roll, learn = cfg.reward, cfg.rollout, cfg.learner
+    replicas = roll.policy_replicas + (roll.reference_replicas if online_reference(cfg) else 0)
+    return {"CPU": replicas * roll.cpus_per_replica + r.num_scorers * r.cpus_per_scorer + learn.num_learners * learn.cpus_per_learner,
+            "GPU": replicas * roll.gpus_per_replica + learn.num_learners * learn.gpus_per_learner}
+
+
 def check_cluster_fits(cfg: Config) -> None:
     """Fail before any actor starts if the connected Ray cluster cannot hold the configured roles."""
     total = ray.cluster_resources()
-    r, roll, learn = cfg.reward, cfg.rollout, cfg.learner
-    replicas = roll.policy_replicas + (roll.reference_replicas if online_reference(cfg) else 0)
-    need = {"CPU": replicas * roll.cpus_per_replica + r.num_scorers * r.cpus_per_scorer + learn.num_learners * learn.cpus_per_learner,
-            "GPU": replicas * roll.gpus_per_replica + learn.num_learners * learn.gpus_per_learner}
+    need = run_resources(cfg)
     short = [f"{k}: need {v:g}, cluster has {total.get(k, 0):g}" for k, v in need.items() if v > total.get(k, 0) + 1e-9]
     if short:
         raise ValueError("the Ray cluster cannot hold this run's actors (" + "; ".join(short) + "): lower "

@@ -91,10 +91,10 @@ class ScoreShard:
 
 
 def build_reference_cache(cfg: Config, model_path: str, prompts: pa.RecordBatch, expected: dict, *,
-                          progress: bool = True) -> Path:
+                          progress: bool = True, on_shard=None) -> Path:
     """Build (or finish building) the cache of ``cfg`` at :func:`cache_dir`; returns its directory.
     ``expected`` is :func:`aapo_ray.preflight.check_reference_cache`'s identity of the run (a manifest
-    already there must match it)."""
+    already there must match it). ``on_shard(shard)`` is called as each shard is written."""
     path, per_shard = cache_dir(cfg), cfg.algo.reference_shard_prompts
     found = check_manifest(path, expected)
     if found and found.get("complete"):
@@ -120,6 +120,8 @@ def build_reference_cache(cfg: Config, model_path: str, prompts: pa.RecordBatch,
                 if done == _rows_of(prompts, int(shard), per_shard) * cfg.algo.reference_samples:
                     _write_shard(path, int(shard), pa.concat_tables(pending.pop(int(shard))))
                     bar.update(_rows_of(prompts, int(shard), per_shard))
+                    if on_shard:
+                        on_shard(int(shard))
     bar.close()
     missing = [i for i, _ in enumerate(starts) if not (path / shard_name(i)).exists()]
     if missing:

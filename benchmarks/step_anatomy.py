@@ -12,21 +12,27 @@ vs the single process's peak RSS). Warm-up steps (first 2) and the last step (ev
 are left out of the medians.
 
 Ray arms are named ``t<run.torch_threads>L<learner.torch_threads>`` (``Lauto``: the config default,
-the node's cores shared by the learner ranks).
+the node's cores shared by the learner ranks), with ``_pre`` (reference rewards from a precomputed cache,
+built once before the rounds) or ``_pre_ov1`` (and one-step overlap: generation of step t+1 runs while
+the learner trains step t, so the parts add up to more than the step) for each ``--reference`` variant.
 
 Usage: python benchmarks/step_anatomy.py [--quick] [--rounds N] [--ray-threads 1 2] [--learner-threads auto 1]
-       [--configs default larger] [--tag _suffix]
+       [--configs default larger] [--reference online precomputed precomputed_overlap1] [--tag _suffix]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
+import tempfile
 import time
 
 import _common as C
 
+REFERENCE_VARIANTS = {"online": ("", {}), "precomputed": ("_pre", {"algo.reference": "precomputed"}),
+                      "precomputed_overlap1": ("_pre_ov1", {"algo.reference": "precomputed", "rollout.overlap": 1})}
 PARTS = ["gen", "ref_gen", "score", "advantage", "learner", "sync", "other"]
 
 
@@ -143,6 +149,8 @@ def main() -> None:
                     "'auto' (the config default) or N; the Ray arms are every --ray-threads x --learner-threads pair")
     ap.add_argument("--sp-threads", type=int, nargs="+", default=[1, 2], help="torch threads of the plain loop")
     ap.add_argument("--configs", nargs="+", default=["default", "larger"], help="which configs to run")
+    ap.add_argument("--reference", nargs="+", default=["online"], choices=list(REFERENCE_VARIANTS),
+                    help="AAPO's reference: sampled online, or read from a precomputed cache (with overlap 0 or 1)")
     ap.add_argument("--tag", default="", help="suffix of the output files (step_anatomy<tag>.json/.png)")
     ap.add_argument("--_sp", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -154,11 +162,17 @@ def main() -> None:
     t_start = time.perf_counter()
     d = C.defaults()
     default_arm = f"t{d.run.torch_threads}L{d.learner.torch_threads or 'auto'}"  # the headline ratio
-    ray_arms = {f"t{t}L{lt}": {"run.torch_threads": t, "learner.torch_threads": None if lt == "auto" else int(lt)}
-                for t in args.ray_threads for lt in args.learner_threads}
+    ray_arms = {f"t{t}L{lt}{REFERENCE_VARIANTS[v][0]}": {"run.torch_threads": t, **REFERENCE_VARIANTS[v][1],
+                                                       "learner.torch_threads": None if lt == "auto" else int(lt)}
+                for t in args.ray_threads for lt in args.learner_threads for v in args.reference}
+    cache = tempfile.mkdtemp(prefix="step-anatomy-refcache-")
     result = {"machine": C.machine(), "quick": args.quick, "rounds": rounds, "configs": {}}
     for name, overrides in ((n, o) for n, o in configs(args.quick).items() if n in args.configs):
         cfg = C.config({"run.output_dir": "/tmp", **overrides}).model_dump(mode="json")
+        if args.reference != ["online"]:  # every visit of a prompt is its first: the cache holds the run's prompts, K = G
+            overrides = {**overrides, "data.train": f"synthetic:train:{cfg['run']['steps'] * cfg['rollout']['prompts_per_step']}",
+                         "algo.reference_samples": cfg["algo"]["group_size"], "algo.reference_cache": f"{cache}/{name}"}
+            C.run_pipeline({**overrides, **REFERENCE_VARIANTS["precomputed"][1], "run.steps": 1})  # builds it, unmeasured
         print(f"[{name}] {cfg['rollout']['prompts_per_step']} prompts x G={cfg['algo']['group_size']}, "
               f"max_new_tokens={cfg['rollout']['max_new_tokens']}, {cfg['run']['steps']} steps, model {cfg['model']['path']}")
         arms = {f"ray_{a}": lambda r, o=o: C.run_pipeline({**overrides, **o}) for a, o in ray_arms.items()}
@@ -188,6 +202,7 @@ def main() -> None:
         res.update(best_single=best, ratio_ray_over_single=head["ratio_vs_single"][best],
                    overhead_frac=head["overhead_frac"])
         result["configs"][name] = res
+    shutil.rmtree(cache, ignore_errors=True)
     result["wall_s"] = time.perf_counter() - t_start
     report(result, args.tag)
 

@@ -1,9 +1,14 @@
 """Throughput against TRL's GRPOTrainer: same tiny model, data, group size, lengths, lr and steps.
 
-Three arms, interleaved round by round (A B C, A B C, ...), each in its own process or Ray run:
-  ours-grpo  aapo_ray.driver.train with algo.estimator=grpo (no reference model)
-  trl-grpo   trl.GRPOTrainer (fresh subprocess), reward = aapo_ray.reward.accuracy_reward
-  ours-aapo  the default estimator (the policy AND the frozen reference generate: the method's own cost)
+Arms, interleaved round by round (A B C, A B C, ...), each in its own process or Ray run:
+  ours_grpo                 aapo_ray.driver.train with algo.estimator=grpo (no reference model)
+  trl_grpo_t<N>             trl.GRPOTrainer (fresh subprocess, N torch threads), reward = aapo_ray.reward.accuracy_reward
+  ours_aapo                 the default estimator, online: the policy AND the frozen reference generate every step
+  ours_aapo_precomputed     AAPO reading the reference's rewards from a cache (algo.reference=precomputed)
+  ours_aapo_precomputed_overlap1   ... and generating step t+1 while the learner trains step t (rollout.overlap=1)
+Every arm trains on the same ``steps x prompts`` training prompts (each visited once), so the cache is built
+once, before the rounds, for exactly those prompts (K = G samples each); its cost is reported separately,
+per prompt and amortised over N runs that share it (every seed and estimator of a study).
 Matching (docs/field-notes.md, "TRL GRPOTrainer on this machine class"): use_cpu=True, bf16=False,
 gradient_checkpointing=False; per_device_train_batch_size counts completions in TRL 1.x, so it is our
 learner.micro_batch_size with gradient_accumulation_steps = completions / micro-batch (one generation
@@ -96,8 +101,28 @@ def summarise(steps: list[dict], completions: int, wall: float, rss: float) -> d
 
 def ours(overrides: dict, completions: int) -> dict:
     run = C.run_pipeline(overrides)
-    steps = [{"step_s": r["time/step_s"], "completion_tokens": r["completion_tokens"]} for r in C.steady(run["rows"])]
-    return summarise(steps, completions, run["wall_s"], run["peak_rss_mb"])
+    rows = C.steady(run["rows"])
+    steps = [{"step_s": r["time/step_s"], "completion_tokens": r["completion_tokens"]} for r in rows]
+    return {**summarise(steps, completions, run["wall_s"], run["peak_rss_mb"]),
+            "ref_generate_s": C.median([r["time/ref_generate_s"] for r in rows]),
+            "staleness_mean": C.median([r["rollout/staleness_mean"] for r in rows])}
+
+
+def reference_build_cost(overrides: dict, prompts: int, samples: int) -> dict:
+    """Builds the arms' shared reference cache (``aapo reference build``'s function) and times it."""
+    # imported here, not at the top: the TRL arm's fresh process imports this file, and ray would load there
+    from aapo_ray.preflight import check_reference_cache, load_prompts
+    from aapo_ray.reference_build import build_reference_cache
+
+    C.ensure_ray()
+    cfg = C.config(overrides)
+    model_path = C.model_dir(cfg.model.path)
+    train_prompts, _ = load_prompts(cfg, model_path)
+    start = time.perf_counter()
+    build_reference_cache(cfg, model_path, train_prompts, check_reference_cache(cfg, model_path, train_prompts), progress=False)
+    wall = time.perf_counter() - start
+    return {"prompts": prompts, "samples": samples, "wall_s": wall, "s_per_prompt": wall / prompts,
+            "completions_per_s": prompts * samples / wall}
 
 
 def trl(payload: dict, completions: int) -> dict:
@@ -122,10 +147,12 @@ def main() -> None:
     rounds, steps = args.rounds or (1 if args.quick else 5), args.steps or (8 if args.quick else 20)
     base = C.defaults()
     lr, P, G = base.learner.lr, base.rollout.prompts_per_step, base.algo.group_size
-    shared = {"run.steps": steps, "learner.lr": lr, "rollout.prompts_per_step": P, "algo.group_size": G,
+    cache = tempfile.mkdtemp(prefix="vs-trl-refcache-")
+    shared = {"run.steps": steps, "learner.lr": lr, "data.train": f"synthetic:train:{steps * P}",
+              "algo.reference_samples": G, "algo.reference_cache": cache, "rollout.prompts_per_step": P, "algo.group_size": G,
               "rollout.max_new_tokens": base.rollout.max_new_tokens, "rollout.temperature": base.rollout.temperature,
               "learner.micro_batch_size": base.learner.micro_batch_size, "run.seed": 0}
-    payload = {"model_path": C.model_dir(base.model.path), "steps": steps, "prompts": P,
+    payload = {"model_path": C.model_dir(base.model.path), "steps": steps, "prompts": P, "train_prompts": steps * P,
                "group_size": G, "max_new_tokens": base.rollout.max_new_tokens, "temperature": base.rollout.temperature,
                "lr": lr, "micro_batch": base.learner.micro_batch_size, "seed": 0}
     n = P * G
@@ -137,14 +164,32 @@ def main() -> None:
     arms_fn = {"ours_grpo": lambda r: ours({**shared, **grpo_as_trl}, n)}
     arms_fn.update({f"trl_grpo_t{t}": lambda r, t=t: trl({**payload, "threads": t}, n) for t in args.trl_threads})
     arms_fn["ours_aapo"] = lambda r: ours({**shared, "algo.estimator": "aapo"}, n)
+    precomputed = {**shared, "algo.estimator": "aapo", "algo.reference": "precomputed"}
+    arms_fn["ours_aapo_precomputed"] = lambda r: ours(precomputed, n)
+    arms_fn["ours_aapo_precomputed_overlap1"] = lambda r: ours({**precomputed, "rollout.overlap": 1}, n)
+    build = reference_build_cost(precomputed, steps * P, G)  # once, outside the rounds
     runs = C.interleave(arms_fn, rounds)
+    shutil.rmtree(cache, ignore_errors=True)
     arms = {k: {m: C.median([r[m] for r in v]) for m in v[0]} for k, v in runs.items()}
     trl_best = max((k for k in arms if k.startswith("trl")), key=lambda k: arms[k]["completions_per_s"])
     ratio = lambda a, m: C.median([x[m] / y[m] for x, y in zip(runs[a], runs[trl_best])])  # noqa: E731
     ratios = {f"{a}/{trl_best}": {"completions_per_s": ratio(a, "completions_per_s"), "tokens_per_s": ratio(a, "tokens_per_s"),
                                   "wall_s": ratio(a, "wall_s"), "peak_rss_mb": ratio(a, "peak_rss_mb")}
               for a in arms if a != trl_best}
+    online_ref_s = C.median([x["ref_generate_s"] for x in runs["ours_aapo"]]) * steps  # per run, inside the steps
+    build["amortised_s_per_run"] = {str(k): build["wall_s"] / k for k in (1, 3, 10, 30)}
+    build["online_reference_generate_s_per_run"] = online_ref_s
+    print(f"reference cache build ({steps * P} prompts x {G}): {build['wall_s']:.1f} s = {build['s_per_prompt']*1e3:.1f} ms "
+          f"per prompt; amortised per run over 1/3/10/30 runs: "
+          + " / ".join(f"{v:.1f}" for v in build["amortised_s_per_run"].values())
+          + f" s (the online reference generates {online_ref_s:.1f} s per run, beside the policy)")
+    # issue 14's targets: AAPO's step time against GRPO mode's (same run, paired by round)
+    vs_grpo = {a: C.median([x["step_s"] / y["step_s"] for x, y in zip(runs[a], runs["ours_grpo"])])
+               for a in arms if a.startswith("ours_aapo")}
+    print("step time / ours_grpo's (median of per-round ratios): "
+          + ", ".join(f"{a} {v:.3f}" for a, v in vs_grpo.items()))
     result = {"machine": C.machine(), "quick": args.quick, "rounds": rounds, "steps": steps, "setup": payload,
+              "reference_build": build, "step_time_vs_ours_grpo": vs_grpo,
               "arms": arms, "trl_best": trl_best, "per_round": runs, "ratios": ratios, "wall_s": time.perf_counter() - t0}
     print(C.table([{"arm": k, **v} for k, v in arms.items()],
                   ["arm", "step_s", "completions_per_s", "tokens_per_s", "completion_tokens", "wall_s", "peak_rss_mb"]))

@@ -59,16 +59,36 @@ def test_step_anatomy_parts(bench):
     assert parts["other"] == pytest.approx(0.8 - 0.4 - 0.05 - 0.01 - 0.2 - 0.02)
 
 
-def test_baseline_summary_and_margin(bench):
+def test_study_pairs_seeds_and_sizes_the_next_study(bench):
     ab = bench("aapo_vs_baselines")
-    rows = [{"step": 0, "eval/accuracy": 0.30}]
-    for s in range(1, 9):
-        rows.append({"step": s, "reward_mean": 0.3 + 0.01 * s, "zero_variance_group_frac": 0.5, "zero_advantage_frac": 0.4,
-                     "advantage_abs_mean": 0.6, "time/step_s": 0.5, "margin_mean": 0.01, "margin_clipped_low_frac": 0.1,
-                     "margin_clipped_high_frac": 0.2, "ref_reward_mean": 0.3, **({"eval/accuracy": 0.3 + 0.02 * s} if s % 4 == 0 else {})})
-    out = ab.run_summary(rows, targets=[0.35, 0.9])
-    assert out["steps_to_0.35"] == 4 and out["steps_to_0.9"] == math.inf and out["final_acc"] == pytest.approx(0.46)
-    assert out["margin_abs_mean"] == pytest.approx(0.2 * 0.1 + 0.28 * 0.2)
+    from aapo_ray.compare import t_quantile
+
+    assert ab.parse_seeds(["0-3", "7", "2"]) == [0, 1, 2, 3, 7]
+    over = ab.overrides({"run.steps": 200}, "zero_var", "grpo_compute_matched", 5, Path("/x/zero_var/a-seed5"))
+    assert over["algo.group_size"] == 4 and over["rollout.prompts_per_step"] == 24  # 2G of the regime's G=2
+    assert over["run.seed"] == 5 and over["run.name"] == "grpo_compute_matched" and over["algo.estimator"] == "grpo"
+    for sd, h in ((0.03, 0.02), (0.01, 0.02), (0.05, 0.01)):  # the smallest n whose t interval is narrow enough
+        n = ab.seeds_needed(sd, h)
+        assert t_quantile(0.975, n - 1) * sd / math.sqrt(n) <= h < t_quantile(0.975, n - 2) * sd / math.sqrt(n - 1) or n == 2
+
+    def run(last3, zv=0.5, sha="warm-start-a"):
+        return {"evals": [[0, 0.3], [160, last3[0]], [180, last3[1]], [200, last3[2]]], "reward": [0.3] * 20,
+                "zero_var_group_frac": zv, "s_per_step": 0.5, "weights_sha256": sha}
+    diffs = [0.03, -0.01, 0.05, 0.01]
+    result = {"runs": {}}
+    for seed, d in enumerate(diffs):
+        result["runs"][f"default/grpo/{seed}"] = run([0.4, 0.5, 0.6], zv=0.2)  # score 0.5
+        result["runs"][f"default/aapo/{seed}"] = run([0.4 + d, 0.5 + d, 0.6 + d])  # score 0.5 + d
+    result["runs"]["default/aapo/9"] = run([0.9, 0.9, 0.9])  # unpaired: not in the difference
+    result["runs"]["default/aapo_warmstart1/0"] = run([0.9, 0.9, 0.9], sha="warm-start-b")  # another warm start: no pair
+    (pair,) = ab.report(result, halfwidth=0.02)["default"]["pairs"]
+    mean, sd = float(np.mean(diffs)), float(np.std(diffs, ddof=1))
+    half = t_quantile(0.975, 3) * sd / 2
+    assert pair["n"] == 4 and pair["mean diff"] == pytest.approx(mean)
+    assert (pair["ci_low"], pair["ci_high"]) == pytest.approx((mean - half, mean + half))
+    assert pair["contains 0"] is True and pair["seeds for +-0.02"] == ab.seeds_needed(sd, 0.02)
+    arms = {r["arm"]: r for r in result["report"]["default"]["arms"]}
+    assert arms["grpo"]["zero-var groups"] == pytest.approx(0.2) and arms["aapo"]["seeds"] == 5
 
 
 def test_scaling_estimate_is_labelled_and_positive(bench):

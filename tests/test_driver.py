@@ -7,7 +7,8 @@ from transformers import AutoModelForCausalLM
 
 from aapo_ray.config import load_config
 from aapo_ray.driver import train
-from aapo_ray.metrics import read_metrics
+from aapo_ray.embedded import read_recipe, weights_sha256
+from aapo_ray.metrics import read_metrics, summary
 
 TRAIN_KEYS = ["reward_mean", "accuracy_mean", "zero_variance_group_frac", "zero_advantage_frac",
               "margin_mean", "completion_len_mean", "learner/loss", "learner/grad_norm"]
@@ -16,7 +17,7 @@ TRAIN_KEYS = ["reward_mean", "accuracy_mean", "zero_variance_group_frac", "zero_
 def small_config(model_path, tmp_path, **extra):
     overrides = {
         "model.path": model_path, "run.output_dir": str(tmp_path), "run.steps": 4, "run.save_every": 2,
-        "run.eval_every": 2, "rollout.prompts_per_step": 4, "algo.group_size": 4, "rollout.max_new_tokens": 16,
+        "run.eval_every": 1, "run.eval_from": 2, "rollout.prompts_per_step": 4, "algo.group_size": 4, "rollout.max_new_tokens": 16,
         "data.eval": "synthetic:test:16", "learner.lr": 1e-3, "learner.micro_batch_size": 8, **extra,
     }
     return load_config(None, [f"{k}={v}" for k, v in overrides.items()])
@@ -33,7 +34,8 @@ def test_run_directory_holds_everything(full_run):
     assert {"config.yaml", "metrics.jsonl", "tensorboard", "reward_curve.png", "checkpoints"} <= names
     rows = read_metrics(full_run)
     assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
-    assert "eval/accuracy" in rows[0] and "eval/accuracy" in rows[2] and "eval/accuracy" in rows[4]
+    # step 0, then every step from run.eval_from on
+    assert [r["step"] for r in rows if "eval/accuracy" in r] == [0, 2, 3, 4]
     for r in rows[1:]:
         assert all(k in r for k in TRAIN_KEYS), set(TRAIN_KEYS) - set(r)
         assert r["completion_tokens"] > 0 and r["time/step_s"] > 0
@@ -46,6 +48,15 @@ def test_run_directory_holds_everything(full_run):
     assert state["step"] == 4
     model = AutoModelForCausalLM.from_pretrained(full_run / "checkpoints/step_000004/hf")
     assert model.num_parameters() > 0
+
+
+def test_run_records_the_warm_start_fingerprint(full_run, tiny_model_path):
+    model = json.loads((full_run / "model.json").read_text())
+    assert model["path"] == tiny_model_path and model["weights_sha256"] == weights_sha256(tiny_model_path)
+    assert model["weights_sha256"] == read_recipe(tiny_model_path)["build"]["weights_sha256"]
+    assert f"weights_sha256={model['weights_sha256']}" in (full_run / "config.yaml").read_text().splitlines()[-1]
+    assert load_config(full_run / "config.yaml", []).run.eval_from == 2  # the comment keeps it a valid config
+    assert f"weights sha256 {model['weights_sha256'][:16]}" in summary(full_run)
 
 
 def test_resume_reproduces_the_uninterrupted_run(full_run, tiny_model_path, tmp_path):

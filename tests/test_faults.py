@@ -96,8 +96,11 @@ def test_collect_recovers_dead_generator_stale_weights_and_dead_scorer(ray_clust
         scorers.shutdown()
 
 
-def test_training_survives_a_killed_generator_and_a_killed_learner(ray_cluster, tiny_model_path, tmp_path):
-    cfg = load_config(None, overrides(tiny_model_path, tmp_path, **{"run.steps": 7}))
+@pytest.mark.parametrize("overlap", [0, 1])
+def test_training_survives_a_killed_generator_and_a_killed_learner(ray_cluster, tiny_model_path, tmp_path, overlap):
+    """Also with rollout.overlap=1: the killed generator may hold the next step's prefetched rows, and the
+    restarted learner group drops the rows sampled by the dead group's weights."""
+    cfg = load_config(None, overrides(tiny_model_path, tmp_path, **{"run.steps": 7, "rollout.overlap": overlap}))
     run_dir = tmp_path / "run"
     errors = []
     thread = threading.Thread(target=lambda: _guard(errors, train, cfg, run_dir=run_dir, progress=False))
@@ -125,6 +128,7 @@ def test_training_survives_a_killed_generator_and_a_killed_learner(ray_cluster, 
     assert last["faults/learner_restarts"] == 1
     rows = read_metrics(run_dir)[1:]
     assert any(r["faults/policy_replica_restarts"] >= 1 or r.get("faults/policy_regenerated", 0) for r in rows)
+    assert max(r["rollout/staleness_max"] for r in rows) == overlap  # never older than rollout.overlap allows
 
 
 def _guard(errors, fn, *args, **kwargs):
