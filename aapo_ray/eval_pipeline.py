@@ -132,11 +132,17 @@ class Score:
                 .append_column("answer", pa.array([final_answer(t) for t in texts], pa.string())))
 
 
+GENERATOR_START_TIMEOUT_S = 600  # a pool that cannot start in this time fails with Ray Data's own error
+
+
 def build_dataset(problems: list[dict], *, generate_kwargs: dict, endpoint: str | None, generators: int,
                   cpus_per_generator: float, gpus_per_generator: float, scorers: int, score_timeout_s: float,
                   problems_per_batch: int):
     """The lazy Ray Data pipeline (nothing runs until it is iterated). ``scorers=0``: no scoring stage
     (generation alone, as ``benchmarks/eval_throughput.py`` measures it)."""
+    # every generator is up (its model loaded) before the first batch goes out: otherwise the first
+    # actor ready can take a short evaluation whole while the others, on other nodes, still load
+    ray.data.DataContext.get_current().wait_for_min_actors_s = GENERATOR_START_TIMEOUT_S
     ds = ray.data.from_items(problems)
     common = dict(batch_format="pyarrow", batch_size=problems_per_batch, compute=ray.data.ActorPoolStrategy(size=generators))
     if endpoint:

@@ -188,10 +188,10 @@ def test_a_swallowed_ctrl_c_is_still_seen():
     signal.signal(signal.SIGINT, before)
 
 
-@pytest.mark.parametrize("how", ["sigkill", "ctrl_c"])
-def test_driver_killed_or_interrupted_then_resumed(tiny_model_path, tmp_path, how):
+@pytest.mark.parametrize("how, overlap", [("sigkill", 0), ("ctrl_c", 0), ("sigkill", 1)])
+def test_driver_killed_or_interrupted_then_resumed(tiny_model_path, tmp_path, how, overlap):
     run_dir = tmp_path / "run"
-    args = overrides(tiny_model_path, tmp_path, **{"run.save_every": 3})
+    args = overrides(tiny_model_path, tmp_path, **{"run.save_every": 3, "rollout.overlap": overlap})
     proc = _aapo("--run-dir", str(run_dir), *args)
     _wait_for_step(run_dir, proc, 4)
     sid = os.getsid(proc.pid)
@@ -213,5 +213,7 @@ def test_driver_killed_or_interrupted_then_resumed(tiny_model_path, tmp_path, ho
     out, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, out[-3000:]
     assert steps_of(run_dir) == list(range(7))
+    staleness = [r["rollout/staleness_max"] for r in read_metrics(run_dir)[1:]]
+    assert max(staleness) == overlap and staleness[3] == 0  # step 4, the first after the resume, is fresh
     for p in _session_processes(sid):  # nothing of the killed run may linger
         p.kill()
