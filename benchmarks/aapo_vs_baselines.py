@@ -243,7 +243,8 @@ def main() -> int:
     ap.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=list(REGIMES))
     ap.add_argument("--eval-prompts", type=int, default=1000, help="held-out problems per evaluation (x 4 samples)")
     ap.add_argument("--halfwidth", type=float, default=0.02, help="target 95%% CI half-width for the power calculation")
-    ap.add_argument("--concurrent", type=int, default=2, help="trials at once (each holds ~2 logical CPUs)")
+    ap.add_argument("--concurrent", type=int, default=1, help="trials at once (each holds ~2 logical CPUs; on 2 "
+                    "cores 2 at once ran each trial ~3x slower, so raise it only with cores or nodes to spare)")
     ap.add_argument("--address", default=None, help="join this Ray cluster instead of starting a local one")
     ap.add_argument("--runs-dir", default=str(C.RESULTS / "study_runs"), help="run directories (for aapo compare)")
     ap.add_argument("--steps", type=int, default=200, help="steps per run; evaluations at the last three tenths")
