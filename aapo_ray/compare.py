@@ -21,6 +21,7 @@ from pathlib import Path
 
 import yaml
 
+from aapo_ray.commands import help_line
 from aapo_ray.metrics import read_metrics, save_figure
 
 
@@ -192,7 +193,7 @@ def _json_safe(value):
 
 # ----------------------------------------------------------------------------- CLI
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("compare", help="paired comparison of run directories across seeds",
+    p = subparsers.add_parser("compare", help=help_line("compare"),
                               description=__doc__.split("\n\n")[1])
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     p.add_argument("--by", default="algo.estimator", help="config key that names the groups (default algo.estimator)")

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from aapo_ray.checkpoint import STATE, complete_checkpoints, resolve_model_dir
+from aapo_ray.commands import help_line
 from aapo_ray.config import DataConfig, load_config
 from aapo_ray.data import render_prompts
 from aapo_ray.eval_metrics import benchmark_metrics, paper_table
@@ -315,7 +316,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("eval", help="avg@k / pass@k / maj@k on math benchmarks (Ray Data batch inference)",
+    p = subparsers.add_parser("eval", help=help_line("eval"),
                               description=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[1],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", metavar="MODEL_OR_RUN", help="HF model directory or run directory")

@@ -38,6 +38,7 @@ import ray
 from tqdm.auto import tqdm
 
 from aapo_ray.batch_inference import BackendSampler
+from aapo_ray.commands import help_line
 from aapo_ray.config import Config
 from aapo_ray.launch import init_ray
 from aapo_ray.preflight import check_reference_cache, load_checked_config, load_prompts, resolve_model_path
@@ -173,7 +174,7 @@ def open_reference(cfg: Config, model_path: str, prompts: pa.RecordBatch, expect
 
 def add_parser(sub) -> None:
     """``reference build``."""
-    ref = sub.add_parser("reference", help="the precomputed frozen-reference cache (algo.reference=precomputed)")
+    ref = sub.add_parser("reference", help=help_line("reference"))
     build = ref.add_subparsers(dest="reference_command", required=True).add_parser(
         "build", help="sample and score algo.reference_samples reference completions per training prompt")
     build.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from aapo_ray.checkpoint import resolve_model_dir
+from aapo_ray.commands import help_line
 from aapo_ray.launch import init_ray
 from aapo_ray.serve_replica import OpenAIServer, ServeOptions, sha256_hex
 
@@ -89,7 +90,7 @@ def _add_fields(parser: argparse.ArgumentParser, model: type[BaseModel], skip: t
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("serve", help="serve a run's checkpoint (or HF model dir) with an OpenAI-compatible API",
+    p = subparsers.add_parser("serve", help=help_line("serve"),
                               description="Serve RUN_DIR's latest complete checkpoint (or --checkpoint step_N, or a "
                                           "plain HF causal LM directory) on Ray Serve: /v1/completions, "
                                           "/v1/chat/completions, /v1/models, /health.")

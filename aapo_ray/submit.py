@@ -30,6 +30,7 @@ from pathlib import Path
 import yaml
 from ray.job_submission import JobSubmissionClient
 
+from aapo_ray.commands import help_line
 from aapo_ray.config import ConfigError
 from aapo_ray.train_cli import add_train_parser, resolve_train_config
 
@@ -52,7 +53,7 @@ class SubmitError(Exception):
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
-        "submit", help="run `aapo train ...` on a Ray cluster as a Ray job (ray job submit), after checking it here",
+        "submit", help=help_line("submit"),
         description="Validate an `aapo train` command locally (CLI parser + config), submit it to a Ray cluster's "
                     "job server, stream its logs and exit with its status (0 SUCCEEDED, 1 FAILED/STOPPED, "
                     "2 not submitted: invalid command or config).",

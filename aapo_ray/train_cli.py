@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from aapo_ray.commands import help_line
 from aapo_ray.config import ConfigError, dump_config
 from aapo_ray.driver import train
 from aapo_ray.embedded import warmstart_report
@@ -13,7 +14,7 @@ from aapo_ray.preflight import load_checked_config
 
 def add_train_parser(sub) -> argparse.ArgumentParser:
     """``train``: also what ``aapo submit`` parses locally before sending a job."""
-    train_p = sub.add_parser("train", help="train a policy (the embedded tiny default with no arguments)")
+    train_p = sub.add_parser("train", help=help_line("train"))
     train_p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                          help="dotted config overrides, e.g. algo.group_size=8 learner.zero_stage=2")
     train_p.add_argument("--config", help="YAML config file")
@@ -28,11 +29,11 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
 def add_parser(sub) -> None:
     """``train``, ``check-config`` and ``warmstart``."""
     add_train_parser(sub)
-    check = sub.add_parser("check-config", help="validate a config and print it resolved")
+    check = sub.add_parser("check-config", help=help_line("check-config"))
     check.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     check.add_argument("--config")
     check.set_defaults(func=run_check_config)
-    warm = sub.add_parser("warmstart", help="build the embedded tiny model and report its accuracy")
+    warm = sub.add_parser("warmstart", help=help_line("warmstart"))
     warm.add_argument("--eval-n", type=int, default=500)
     warm.set_defaults(func=run_warmstart)
 

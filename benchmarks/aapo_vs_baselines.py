@@ -205,7 +205,8 @@ def report(result: dict, halfwidth: float) -> dict:
     return tables
 
 
-def plot(result: dict) -> Path:
+def plot(result: dict, out: Path) -> Path:
+    """Learning curves and paired differences, written to ``out`` (next to the results file)."""
     regimes = [r for r in REGIMES if r in result.get("report", {})]
     fig, axes = C.figure(2, max(1, len(regimes)), figsize=(7 * max(1, len(regimes)), 9), squeeze=False)
     for col, regime in enumerate(regimes):
@@ -233,7 +234,9 @@ def plot(result: dict) -> Path:
         ax.axvline(0, color="k", lw=0.7)
         ax.set_yticks(range(len(pairs)), [f"aapo - {p['aapo minus']} (n={p['n']})" for p in pairs])
         ax.set(title=f"{regime}: paired difference in score, 95% CI", xlabel="AAPO minus arm (held-out accuracy)")
-    return C.savefig(fig, NAME)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    return out
 
 
 def main() -> int:
@@ -255,7 +258,7 @@ def main() -> int:
     result = json.loads(path.read_text()) if path.is_file() else {}
     if args.report:
         report(result, args.halfwidth)
-        print("plot ->", plot(result))
+        print("plot ->", plot(result, path.with_suffix(".png")))
         return 0
     settings = {"run.steps": args.steps, "run.eval_every": args.steps // 10, "run.eval_from": args.steps - 2 * (args.steps // 10), "run.save_every": 0,
                 "data.eval": f"synthetic:test:{args.eval_prompts}", "data.eval_limit": args.eval_prompts,
@@ -297,7 +300,7 @@ def main() -> int:
         ray.shutdown()
     report(result, args.halfwidth)
     save(result, path)
-    print("plot ->", plot(result))
+    print("plot ->", plot(result, path.with_suffix(".png")))
     return 0
 
 

@@ -122,11 +122,16 @@ def served(url, prompts, concurrency, per_client, max_tokens, stream=False):
 
 
 MODES = ("continuous", "grouped")
+# ~27M parameters (hidden 512, 8 layers), untrained: no EOS, so every request decodes all max_tokens
+LARGER = ('{"model": {"hidden_size": 512, "num_hidden_layers": 8, "num_attention_heads": 8, '
+          '"intermediate_size": 1536, "max_position_embeddings": 256}, "sft": {"steps": 0}, "eval": {"n": 8}}')
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", help="HF model dir or run dir (default: the built-in tiny model)")
+    ap.add_argument("--recipe", type=json.loads, help="embedded-model recipe overrides as JSON, e.g. a larger "
+                    "model (one where a decoding step costs more than a request's serving overhead): " + LARGER)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--requests", type=int, default=64, help="requests per concurrency level, arm and round")
@@ -153,7 +158,7 @@ def main() -> int:
     else:
         from aapo_ray.embedded import default_model_path
 
-        model_dir = default_model_path(progress=False)
+        model_dir = str(default_model_path(progress=False, recipe=args.recipe))
     prompts = SyntheticTask().prompts("test", 64)
     backend = HFBackend.load(model_dir, device="cpu")
     engine = backend.continuous_batching(max(args.concurrency))  # idle while `bare` generates
@@ -215,8 +220,8 @@ def main() -> int:
                          f"{m['ttft_p50_s'] * 1e3:>7.0f}")
         print(" | ".join(cells))
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"model": model_dir, "max_tokens": args.max_tokens, "quick": args.quick,
-                               "rounds": rounds, "requests_per_arm": total,
+    out.write_text(json.dumps({"model": model_dir, "recipe": args.recipe, "max_tokens": args.max_tokens,
+                               "quick": args.quick, "rounds": rounds, "requests_per_arm": total,
                                "batch_wait_timeout_s": args.batch_wait, "cpus": os.cpu_count(),
                                "loadavg_at_end": os.getloadavg(), "machine": platform.machine(),
                                "results": rows}, indent=1))

@@ -46,25 +46,25 @@ def stop_cluster(temp_dir: Path, port: int) -> None:
     psutil.wait_procs(procs, timeout=10)
 
 
-def timed(cmd: list[str], **kw) -> tuple[float, float]:
-    """(wall seconds, peak RSS MB of the process tree)."""
+def timed(cmd: list[str], **kw) -> tuple[float, float, dict]:
+    """(wall seconds, peak RSS MB of the process tree, that peak split by role / process)."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=C.REPO, **kw)
     with C.RssSampler(interval=0.2, pid=proc.pid) as rss:
         out, err = proc.communicate()
     if proc.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err[-3000:]}")
-    return time.perf_counter() - start, rss.peak_mb
+    return time.perf_counter() - start, rss.peak_mb, rss.peak_parts
 
 
 def one_round(steps: int, address: str | None = None, env: dict | None = None) -> dict:
     from aapo_ray.metrics import read_metrics
 
-    imports, _ = timed([sys.executable, "-c", "import aapo_ray.train_cli"])
-    help_s, _ = timed([AAPO, "--help"])
+    imports, *_ = timed([sys.executable, "-c", "import aapo_ray.train_cli"])
+    help_s, *_ = timed([AAPO, "--help"])
     join = ["--address", address] if address else []
     with tempfile.TemporaryDirectory(prefix="aapo-startup-") as tmp:
-        wall, peak = timed([AAPO, "train", *join, "--run-dir", f"{tmp}/run", "--no-progress", f"run.steps={steps}",
+        wall, peak, parts_mb = timed([AAPO, "train", *join, "--run-dir", f"{tmp}/run", "--no-progress", f"run.steps={steps}",
                             "run.eval_every=0", "run.save_every=0", "data.eval=null"], env=env)
         rows = read_metrics(Path(tmp) / "run")
     first = next(r for r in rows if r["step"] == 0)
@@ -72,7 +72,7 @@ def one_round(steps: int, address: str | None = None, env: dict | None = None) -
     fixed = wall - step_s
     parts = {"ray_init_s": first["time/ray_init_s"], "roles_start_s": first["time/roles_start_s"]}
     return {"import_s": imports, "help_s": help_s, "wall_s": wall, "steps_s": step_s, "fixed_s": fixed, **parts,
-            "other_s": fixed - sum(parts.values()), "peak_rss_mb": peak}
+            "other_s": fixed - sum(parts.values()), "peak_rss_mb": peak, "peak_rss_parts_mb": parts_mb}
 
 
 def main() -> None:
@@ -96,6 +96,9 @@ def main() -> None:
     print(C.table([{"": k, **{f"{arm} median": C.median([r[k] for r in res[arm]]) for arm in res},
                     **{f"{arm} range": f"{min(r[k] for r in res[arm]):.3g}-{max(r[k] for r in res[arm]):.3g}"
                        for arm in res}} for k in keys]))
+    for arm in res:
+        print(f"{arm}: peak RSS by role, MB (first round): " + ", ".join(
+            f"{role} {mb:.0f}" for role, mb in res[arm][0]["peak_rss_parts_mb"].items()))
     print("peak RSS counts the train command's own process tree: with --address, Ray's daemons belong to "
           "`ray start` and are not in it")
     path = C.save("startup", {"machine": C.machine(), "args": vars(a), "rounds": res})

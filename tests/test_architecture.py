@@ -2,7 +2,11 @@
 module past 500 lines, and function-level imports only of heavy third-party libraries, each with a reason."""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
+
+from aapo_ray.commands import COMMANDS
 
 PACKAGE = Path(__file__).resolve().parents[1] / "aapo_ray"
 MAX_LINES = 500
@@ -31,6 +35,7 @@ def import_graph() -> dict[str, set[str]]:
     for name, tree in modules().items():
         graph[name] = {m.split(".")[1] for m, _ in imported_modules(tree)
                        if m.startswith("aapo_ray.") and m.split(".")[1] != name}
+    graph["cli"] |= {module.split(".")[1] for module, _ in COMMANDS.values()}  # imported by name when run
     return graph
 
 
@@ -96,3 +101,31 @@ def _in_type_checking(tree: ast.Module, stmt: ast.stmt) -> bool:
             if any(s is stmt for s in ast.walk(node)):
                 return True
     return False
+
+
+def test_every_command_is_registered_by_the_module_the_table_names():
+    import argparse
+    import importlib
+
+    for module in dict.fromkeys(m for m, _ in COMMANDS.values()):
+        sub = argparse.ArgumentParser().add_subparsers()
+        importlib.import_module(module).add_parser(sub)
+        assert set(sub.choices) == {n for n, (m, _) in COMMANDS.items() if m == module}, module
+        assert {n: sub._choices_actions[i].help for i, n in enumerate(sub.choices)} == \
+            {n: h for n, (m, h) in COMMANDS.items() if m == module}
+
+
+def _modules_after(argv: list[str]) -> set[str]:
+    code = ("import sys; from aapo_ray.cli import build_parser; build_parser(sys.argv[1:]); "
+            "print(' '.join(sorted(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, check=True).stdout
+    return set(out.split())
+
+
+def test_the_cli_imports_only_the_command_it_runs():
+    listing = _modules_after(["--help"])
+    assert not {"torch", "transformers", "ray", "aapo_ray.train_cli"} & listing  # `aapo --help`: the table only
+    train = _modules_after(["train", "run.steps=1"])
+    assert "aapo_ray.driver" in train and not {"ray.serve", "aapo_ray.eval_cmd", "aapo_ray.serve"} & train
+    serve = _modules_after(["serve", "some/run"])
+    assert "aapo_ray.serve" in serve and "aapo_ray.driver" not in serve
