@@ -248,9 +248,10 @@ def figure(*args, **kwargs):
     return plt.subplots(*args, **kwargs)
 
 
-def savefig(fig, name: str) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}{SUFFIX}.png"
+def savefig(fig, name: str, path: Path | None = None) -> Path:
+    """Write ``fig`` to ``results/<name>.png`` (or to ``path``)."""
+    path = path or RESULTS / f"{name}{SUFFIX}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return path

@@ -234,9 +234,7 @@ def plot(result: dict, out: Path) -> Path:
         ax.axvline(0, color="k", lw=0.7)
         ax.set_yticks(range(len(pairs)), [f"aapo - {p['aapo minus']} (n={p['n']})" for p in pairs])
         ax.set(title=f"{regime}: paired difference in score, 95% CI", xlabel="AAPO minus arm (held-out accuracy)")
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    return out
+    return C.savefig(fig, NAME, out)
 
 
 def main() -> int:
