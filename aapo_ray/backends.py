@@ -18,7 +18,6 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
-from aapo_ray.continuous_batching import ContinuousBatcher
 from aapo_ray.models import eos_token_ids, load_model_and_tokenizer
 from aapo_ray.sampling import Completions, SamplingParams, TokenScores, apply_stop
 from aapo_ray.sglang_backend import SGLangBackend
@@ -83,18 +82,6 @@ class HFBackend:
         if stop:
             rows, texts, reasons = apply_stop(rows, texts, reasons, stop, self.tokenizer)
         return Completions(rows, texts, reasons)
-
-    def continuous_batching(self, max_requests: int | None = None,
-                            cache_tokens: int | None = None) -> ContinuousBatcher:
-        """A running :class:`~aapo_ray.continuous_batching.ContinuousBatcher` on this model: up to
-        ``max_requests`` rows (default ``batch_size``) per step, a paged KV cache of ``cache_tokens`` tokens
-        (default: max_requests x the context, capped). Its sampling settings are as explicit as
-        :meth:`generation_config`'s (the placeholders below only make the engine build its per-request
-        temperature and top-p processors; every request passes its own)."""
-        config = self.generation_config(SamplingParams(temperature=0.5, top_p=0.5, max_new_tokens=1))
-        config.min_p = None  # no min-p processor at all (the engine cannot run it per request)
-        return ContinuousBatcher(self.model, config, self.eos_ids, max_requests=max_requests or self.batch_size,
-                                 context_length=self.context_length or 2048, cache_tokens=cache_tokens)
 
     def generation_config(self, params: SamplingParams) -> GenerationConfig:
         """Every setting that shapes sampling, explicit: temperature and top-p only (no top-k)."""

@@ -23,11 +23,12 @@ from aapo_ray.config import Config, dump_config
 from aapo_ray.data import PromptSampler
 from aapo_ray.evaluation import evaluate
 from aapo_ray.generator import GeneratorPool
+from aapo_ray.kept_roles import KeptRoles, make_room
 from aapo_ray.launch import init_ray, interrupt_latch
 from aapo_ray.learner import LearnerError, LearnerGroup
 from aapo_ray.metrics import MetricsLogger, generate_seconds, plot_run, progress_postfix, rollout_stats, summary
-from aapo_ray.preflight import (check_cluster_fits, check_config, check_reference_cache, load_prompts, online_reference,
-                                record_model, resolve_model_path)
+from aapo_ray.preflight import (check_cluster_fits, check_config, check_keep_roles, check_reference_cache, load_prompts,
+                                online_reference, record_model, resolve_model_path, run_resources)
 from aapo_ray.recovery import Recovery
 from aapo_ray.reference import ReferencePool
 from aapo_ray.reference_build import open_reference
@@ -42,8 +43,12 @@ log = logging.getLogger(__name__)
 def train(cfg: Config, *, run_dir: str | Path | None = None, resume: bool = False, progress: bool = True) -> Path:
     """Run (or resume) training; returns the run directory."""
     check_config(cfg)
+    check_keep_roles(cfg)
     estimator = get_estimator(cfg.algo.estimator)
     run_dir = Path(run_dir or Path(cfg.run.output_dir) / (cfg.run.name or datetime.now().strftime("%Y%m%d-%H%M%S")))
+    if not resume and (run_dir / "metrics.jsonl").exists():  # a second run would append to the first one's log
+        raise FileExistsError(f"{run_dir} already holds a run (metrics.jsonl): continue it with aapo train --resume "
+                              f"{run_dir}, or start this one elsewhere (another --run-dir or run.name)")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(cfg))
     model_path = resolve_model_path(cfg)  # model and data problems surface before Ray starts
@@ -65,15 +70,20 @@ def train(cfg: Config, *, run_dir: str | Path | None = None, resume: bool = Fals
         interrupted = roles.enter_context(interrupt_latch())
         # every role starts at once: the generators load while the learners build their engines
         started = time.perf_counter()
-        policy = _started(roles, GeneratorPool(cfg, model_path, wait=False))
-        reference = _started(roles, ReferencePool(cfg, model_path, wait=False)) if online_reference(cfg) else None
-        scorers = _started(roles, ScorerPool(cfg, wait=False))
-        learners = LearnerGroup(cfg, model_path)
+        kept = KeptRoles() if cfg.ray.keep_roles else None  # actors earlier runs kept loaded, handed back at exit
+        if not kept:
+            make_room(run_resources(cfg))  # idle actors kept by other runs give way
+        policy = _started(roles, GeneratorPool(cfg, model_path, wait=False, kept=kept))
+        reference = (_started(roles, ReferencePool(cfg, model_path, wait=False, kept=kept)) if online_reference(cfg)
+                     else None)
+        scorers = _started(roles, ScorerPool(cfg, wait=False, kept=kept))
+        learners = LearnerGroup(cfg, model_path, kept=kept)
         roles.callback(lambda: learners.shutdown())
         for pool in (policy, reference, scorers):
             if pool:
                 pool.wait_ready()
         startup["time/roles_start_s"] = time.perf_counter() - started
+        startup["roles/kept_reused"] = kept.reused if kept else 0
         recovery = Recovery(run_dir, cfg, model_path, sampler, policy)
         step = recovery.start(learners, resume)
         metrics_log = MetricsLogger(run_dir, resume_step=step if resume else None)

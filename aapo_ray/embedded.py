@@ -22,7 +22,7 @@ import torch
 from filelock import FileLock
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm.auto import tqdm
-from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import GenerationConfig, PreTrainedTokenizerFast
 
 from aapo_ray.backends import HFBackend
 from aapo_ray.data import render_prompts
@@ -190,6 +190,8 @@ def build_default_model(out_dir, recipe: dict | None = None, *, progress: bool =
             torch.manual_seed(int(sft["seed"]))
             tokenizer = build_tokenizer(task, **rec["tokenizer"], model_max_length=int(
                 rec["model"]["max_position_embeddings"]))
+            from transformers import LlamaConfig, LlamaForCausalLM  # ~1.5 s: only when building
+
             config = LlamaConfig(
                 vocab_size=len(tokenizer), num_key_value_heads=rec["model"]["num_attention_heads"],
                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,

@@ -18,6 +18,7 @@ import ray
 
 from aapo_ray.backends import make_backend
 from aapo_ray.config import Config
+from aapo_ray.kept_roles import KeepableRole, KeptRoles
 from aapo_ray.launch import setup_actor_process
 from aapo_ray.rollout import make_rollout_batch
 from aapo_ray.sampling import SamplingParams, chunk_seed, engine_seed
@@ -25,7 +26,7 @@ from aapo_ray.sampling import SamplingParams, chunk_seed, engine_seed
 FROZEN = "the reference pool is frozen: it never takes weights (AAPO spec section 1)"
 
 
-class GeneratorActor:
+class GeneratorActor(KeepableRole):
     """One generation replica (hf or sglang backend) holding a versioned copy of the weights."""
 
     def __init__(self, cfg: Config, model_path: str, role: str, replica: int):
@@ -85,6 +86,11 @@ class GeneratorActor:
     def logits(self, input_ids):
         return self.backend.logits(input_ids)
 
+    def close(self) -> None:  # before a kept actor loads the next run's model
+        if hasattr(self.backend, "shutdown"):  # an SGLang engine and its thread
+            self.backend.shutdown()
+        self.backend = None
+
 
 @dataclass
 class Chunk:
@@ -107,10 +113,12 @@ class GeneratorPool:
     role = "policy"
     actor_class = GeneratorActor  # its name is the actor processes' title (ray::GeneratorActor)
 
-    def __init__(self, cfg: Config, model_path: str, replicas: int | None = None, *, wait: bool = True):
+    def __init__(self, cfg: Config, model_path: str, replicas: int | None = None, *, wait: bool = True,
+                 kept: KeptRoles | None = None):
         """Start the replicas; ``wait=False`` returns at once (call :meth:`wait_ready` before use), so that
-        the driver starts every role concurrently."""
-        self.cfg, self.model_path = cfg, model_path
+        the driver starts every role concurrently. ``kept``: take actors kept loaded by earlier runs
+        (:mod:`aapo_ray.kept_roles`) and hand them back at :meth:`shutdown`."""
+        self.cfg, self.model_path, self.kept = cfg, model_path, kept
         self._latest: tuple[list | None, int] = ([], 0)  # (weight bucket refs, version) last pushed; None: broadcast
         self.broadcast_group = False  # the replicas joined learner rank 0's weight-update group (aapo_ray.weight_sync)
         self.restarted_replicas = 0  # replicas found behind the latest weights (Ray restarted them)
@@ -126,9 +134,12 @@ class GeneratorPool:
     def _new_actor(self, replica: int):
         roll = self.cfg.rollout
         resources = self.cfg.ray.role_resources.get(self.role, {})
-        return ray.remote(self.actor_class).options(
-            num_cpus=roll.cpus_per_replica, num_gpus=roll.gpus_per_replica, resources=resources or None,
-            max_restarts=3, max_task_retries=0).remote(self.cfg, self.model_path, self.role, replica)
+        options = dict(num_cpus=roll.cpus_per_replica, num_gpus=roll.gpus_per_replica, resources=resources or None,
+                       max_restarts=3, max_task_retries=0)
+        args = (self.cfg, self.model_path, self.role, replica)
+        if self.kept:
+            return self.kept.start(self.actor_class, options, args, role=self.role)
+        return ray.remote(self.actor_class).options(**options).remote(*args)
 
     def sampling(self, seed: int, *, temperature: float | None = None, top_p: float | None = None) -> SamplingParams:
         roll = self.cfg.rollout
@@ -175,6 +186,8 @@ class GeneratorPool:
             except ray.exceptions.RayActorError:  # out of restarts: start a fresh one
                 self.actors[i] = actor = self._new_actor(i)
                 current = ray.get(actor.ready.remote(), timeout=timeout_s)["version"]
+            if self.kept and self.kept.ensure(actor, (self.cfg, self.model_path, self.role, i), timeout_s):
+                current = 0  # re-initialised with this run's model: the initial weights
             if current != version:  # restarted with the initial weights (never true for the reference)
                 if buckets is None:
                     raise RuntimeError(f"{self.role} replica {i} restarted while weights travel by broadcast "
@@ -191,6 +204,10 @@ class GeneratorPool:
         return self._latest[1]
 
     def shutdown(self) -> None:
-        for a in self.actors:
-            ray.kill(a)
+        """Kill the replicas, or hand kept ones back loaded."""
+        if self.kept:
+            self.kept.release(self.actors)
+        else:
+            for a in self.actors:
+                ray.kill(a)
         self.actors = []

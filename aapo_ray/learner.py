@@ -12,6 +12,7 @@ ZeRO stages 0-2 keep full parameters on every rank.
 from __future__ import annotations
 
 import datetime
+import gc
 import logging
 import math
 import os
@@ -28,6 +29,7 @@ import torch
 
 from aapo_ray.algo import get_estimator, grpo_loss
 from aapo_ray.config import Config
+from aapo_ray.kept_roles import KeepableRole, KeptRoles
 from aapo_ray.launch import setup_actor_process
 from aapo_ray.logprobs import policy_logprobs, prepare_for_training
 from aapo_ray.models import load_model_and_tokenizer
@@ -125,7 +127,7 @@ def _load_model(cfg: Config, model_path: str):
 
 
 # ----------------------------------------------------------------------------- the actor
-class LearnerActor:
+class LearnerActor(KeepableRole):
     """One DeepSpeed engine on rank ``rank`` of ``world_size``. Create it with ``ray.remote``."""
 
     def __init__(self, cfg: Config, model_path: str, rank: int, world_size: int):
@@ -173,10 +175,14 @@ class LearnerActor:
         c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
         # env:// would make rank 0's TCPStore listen on every interface: give it our bound socket.
         listen = {"master_listen_fd": self._listener.fileno()} if self.rank == 0 else {}
-        store = torch.distributed.TCPStore(master_addr, master_port, self.world_size, is_master=self.rank == 0,
-                                           timeout=timeout, use_libuv=True, **listen)
-        torch.distributed.init_process_group(self.backend, store=store, rank=self.rank,
-                                             world_size=self.world_size, timeout=timeout)
+        if torch.distributed.is_initialized():  # a kept learner (world size 1) keeps its group between runs
+            if self.rank == 0:
+                self._listener.close()
+        else:
+            store = torch.distributed.TCPStore(master_addr, master_port, self.world_size, is_master=self.rank == 0,
+                                               timeout=timeout, use_libuv=True, **listen)
+            torch.distributed.init_process_group(self.backend, store=store, rank=self.rank,
+                                                 world_size=self.world_size, timeout=timeout)
         deepspeed.init_distributed(dist_backend=self.backend, timeout=timeout, verbose=False,
                                    auto_mpi_discovery=False)  # adopts the group above
 
@@ -305,6 +311,10 @@ class LearnerActor:
         if load_path is None:
             raise FileNotFoundError(f"DeepSpeed found no checkpoint files in {path}/{CHECKPOINT_TAG}")
 
+    def close(self) -> None:  # before a kept learner builds the next run's engine
+        self.engine = self.ref_model = None
+        gc.collect()
+
     def save_hf(self, path: str) -> None:
         """Weights (safetensors) and tokenizer as a Hugging Face directory (call on rank 0)."""
         self.engine.module.save_pretrained(path)
@@ -315,13 +325,20 @@ class LearnerActor:
 class LearnerGroup:
     """Driver-side handle on ``cfg.learner.num_learners`` learner ranks."""
 
-    def __init__(self, cfg: Config, model_path: str):
+    def __init__(self, cfg: Config, model_path: str, *, kept: KeptRoles | None = None):
+        """Start the ranks and build their engines. ``kept``: a single learner (world size 1) is taken from
+        the actors earlier runs kept loaded (:mod:`aapo_ray.kept_roles`) and handed back at :meth:`shutdown`;
+        larger groups always start fresh (their process group is formed anew each run)."""
         lc = cfg.learner
         self.cfg, self.world_size = cfg, lc.num_learners
-        actor_cls = ray.remote(LearnerActor).options(
-            num_cpus=lc.cpus_per_learner, num_gpus=lc.gpus_per_learner,
-            resources=cfg.ray.role_resources.get("learner") or None, max_restarts=0, max_task_retries=0)
-        self.actors = [actor_cls.remote(cfg, model_path, r, self.world_size) for r in range(self.world_size)]
+        self.kept = kept if self.world_size == 1 else None
+        options = dict(num_cpus=lc.cpus_per_learner, num_gpus=lc.gpus_per_learner,
+                       resources=cfg.ray.role_resources.get("learner") or None, max_restarts=0, max_task_retries=0)
+        if self.kept:
+            self.actors = [self.kept.start(LearnerActor, options, (cfg, model_path, 0, 1), role="learner")]
+        else:
+            actor_cls = ray.remote(LearnerActor).options(**options)
+            self.actors = [actor_cls.remote(cfg, model_path, r, self.world_size) for r in range(self.world_size)]
         try:  # all processes up first, so that the rendezvous does not wait on a slow start
             placement = self._gather("start", [a.placement.remote() for a in self.actors])
             threads = learner_threads(cfg, placement)
@@ -329,7 +346,7 @@ class LearnerGroup:
             setup = self._gather("setup", [a.setup.remote(addr, port, t) for a, t in zip(self.actors, threads)])
             self.torch_threads = [m["torch_threads"] for m in setup]
         except BaseException:
-            self.shutdown()
+            self.kill()
             raise
 
     def _gather(self, what: str, refs: list) -> list:
@@ -394,6 +411,17 @@ class LearnerGroup:
         self._gather("save_hf", [self.actors[0].save_hf.remote(path)])
 
     def shutdown(self) -> None:
+        """Kill the ranks, or hand a kept learner back loaded."""
+        if self.kept:
+            self.kept.release(self.actors)
+            self.actors = []
+        else:
+            self.kill()
+
+    def kill(self) -> None:
+        """Kill the ranks, kept or not (after a failure their state is unknown)."""
+        if self.kept:
+            self.kept.forget(self.actors)
         for actor in self.actors:
             ray.kill(actor)
         self.actors = []

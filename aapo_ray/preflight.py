@@ -115,6 +115,14 @@ def check_cluster_fits(cfg: Config) -> None:
                          "learner.num_learners / rollout.*_replicas / cpus_per_* or add nodes (ray.num_cpus for a local cluster)")
 
 
+def check_keep_roles(cfg: Config) -> None:
+    """``ray.keep_roles`` keeps actors for later runs: refuse it where the cluster ends with this run."""
+    if cfg.ray.keep_roles and not (cfg.ray.address or os.environ.get("RAY_ADDRESS") or ray.is_initialized()):
+        raise ConfigError("ray.keep_roles=true keeps the roles loaded for the next run, but this run would start "
+                          "its own local Ray cluster, which ends with it. Start one that outlives runs "
+                          "(`ray start --head`) and join it: aapo train --address auto ray.keep_roles=true")
+
+
 def check_reference_cache(cfg: Config, model_path: str, prompts: pa.RecordBatch) -> dict:
     """The identity a precomputed reference cache of this run must have
     (:func:`aapo_ray.reference_cache.identity`); a cache already at its path that does not match is

@@ -15,6 +15,7 @@ import pyarrow as pa
 import ray
 
 from aapo_ray.config import Config
+from aapo_ray.kept_roles import KeepableRole, KeptRoles
 from aapo_ray.reward import BatchScorer
 from aapo_ray.rollout import with_rewards
 
@@ -26,7 +27,7 @@ def reward_weights(cfg: Config) -> dict[str, float]:
     return {ACCURACY: 0.0, **cfg.reward.functions}
 
 
-class RewardScorer:
+class RewardScorer(KeepableRole):
     """One scorer actor; ``score`` returns the batch with ``reward/<fn>`` and ``reward`` columns.
 
     Nothing on its import path pulls in torch (~200 MB per actor; a user's reward function still
@@ -39,6 +40,9 @@ class RewardScorer:
     def ready(self) -> bool:
         return True
 
+    def close(self) -> None:  # its reward worker processes
+        self.scorer.close()
+
     def score(self, batch: pa.RecordBatch) -> tuple[pa.RecordBatch, dict[str, float]]:
         """The scored batch, and the scorer's counters plus ``score_s`` (this call's busy seconds)."""
         start = time.perf_counter()
@@ -50,8 +54,8 @@ class RewardScorer:
 class ScorerPool:
     """``reward.num_scorers`` actors, batches assigned round-robin by ObjectRef (no driver copy)."""
 
-    def __init__(self, cfg: Config, *, wait: bool = True):
-        self.cfg = cfg
+    def __init__(self, cfg: Config, *, wait: bool = True, kept: KeptRoles | None = None):
+        self.cfg, self.kept = cfg, kept
         self.actors = [self._new_actor() for _ in range(cfg.reward.num_scorers)]
         self._next = itertools.cycle(range(len(self.actors)))
         if wait:
@@ -63,8 +67,10 @@ class ScorerPool:
 
     def _new_actor(self):
         resources = self.cfg.ray.role_resources.get("scorer", {})
-        return ray.remote(RewardScorer).options(
-            num_cpus=self.cfg.reward.cpus_per_scorer, resources=resources or None, max_restarts=3).remote(self.cfg)
+        options = dict(num_cpus=self.cfg.reward.cpus_per_scorer, resources=resources or None, max_restarts=3)
+        if self.kept:
+            return self.kept.start(RewardScorer, options, (self.cfg,), role="scorer")
+        return ray.remote(RewardScorer).options(**options).remote(self.cfg)
 
     def async_score(self, batch_refs: list[ray.ObjectRef]) -> list[tuple[ray.ObjectRef, ray.ObjectRef]]:
         """One (scored batch ref, counters ref) per input ref, in order."""
@@ -75,10 +81,16 @@ class ScorerPool:
         for i, actor in enumerate(self.actors):
             try:
                 ray.get(actor.ready.remote(), timeout=timeout_s)
+                if self.kept:  # restarted by Ray with its creator's arguments: this run's config again
+                    self.kept.ensure(actor, (self.cfg,), timeout_s)
             except ray.exceptions.RayActorError:
                 self.actors[i] = self._new_actor()
 
     def shutdown(self) -> None:
-        for a in self.actors:
-            ray.kill(a)
+        """Kill the scorers, or hand kept ones back."""
+        if self.kept:
+            self.kept.release(self.actors)
+        else:
+            for a in self.actors:
+                ray.kill(a)
         self.actors = []

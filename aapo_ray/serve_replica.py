@@ -75,6 +75,7 @@ from aapo_ray.openai_api import (MAX_PROMPTS, APIError, ChatRequest, CompletionR
                                  completion_body, include_usage, model_card, models_body, new_id, parse_request,
                                  prompt_token_ids, resolve_max_tokens, sse, stop_strings, usage_chunk)
 from aapo_ray.sampling import Completions, SamplingParams, row_seeds
+from aapo_ray.continuous_batching import continuous_engine
 from aapo_ray.serve_continuous import ContinuousJobs
 from aapo_ray.serve_logprobs import LogprobRequest, choice, logprob_request, prompt_texts, score_rows
 
@@ -198,7 +199,7 @@ class OpenAIServer:
                                    batch_wait_timeout_s=o.batch_wait_timeout_s)(self._run_batch)
         self.continuous = None
         if o.batching == "continuous" and isinstance(self.backend, HFBackend):
-            engine = self.backend.continuous_batching(o.generation_batch_size, o.kv_cache_tokens)
+            engine = continuous_engine(self.backend, o.generation_batch_size, o.kv_cache_tokens)
             self.continuous = ContinuousJobs(self.backend, engine, self.pool, self.eos_ids)
 
     def __del__(self):  # Serve calls it when it stops the replica: stop the engine's thread

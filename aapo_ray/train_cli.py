@@ -20,6 +20,9 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
     train_p.add_argument("--config", help="YAML config file")
     train_p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last complete checkpoint")
     train_p.add_argument("--address", help="join an existing Ray cluster ('auto', ray://host:10001)")
+    train_p.add_argument("--keep-roles", action="store_true",
+                         help="leave the role actors loaded in the (--address) cluster for the next run, and take "
+                              "those an earlier run left (ray.keep_roles=true)")
     train_p.add_argument("--run-dir", help="run directory (default: run.output_dir/run.name or a time stamp)")
     train_p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     train_p.set_defaults(func=run_train)
@@ -43,6 +46,8 @@ def resolve_train_config(args: argparse.Namespace):
     overrides = list(args.overrides)
     if args.address:
         overrides.append(f"ray.address={args.address}")
+    if args.keep_roles:
+        overrides.append("ray.keep_roles=true")
     config_path = args.config
     if args.resume and not config_path:
         config_path = Path(args.resume) / "config.yaml"

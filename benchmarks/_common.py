@@ -85,16 +85,30 @@ def _role(p) -> str:
     return p.name()
 
 
+def pss_mb(pid: int) -> float:
+    """Proportional set size of one process (0 where the kernel has no smaps_rollup)."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) / 1024
+    except FileNotFoundError:
+        pass
+    return 0.0
+
+
 class RssSampler:
     """Peak of the summed RSS of this process and all its descendants (Ray's GCS, raylet and every
     worker / actor started by a local cluster, reward subprocesses), sampled every ``interval`` s.
-    RSS counts shared pages (object store, libraries) once per process, so the sum over-counts."""
+    RSS counts shared pages (object store, libraries) once per process, so the sum over-counts; the
+    peak of the summed PSS (``peak_pss_mb``: each shared page split among the processes mapping it, from
+    ``/proc/PID/smaps_rollup``) is the tree's physical footprint."""
 
     def __init__(self, interval: float = 0.25, pid: int | None = None):
         import psutil
 
         self.root, self.interval = psutil.Process(pid), interval
         self.peak_mb, self.peak_parts, self.samples = 0.0, {}, 0
+        self.peak_pss_mb = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -102,14 +116,17 @@ class RssSampler:
         import psutil
 
         parts: dict[str, float] = {}
+        pss = 0.0
         for p in _tree(self.root):
             try:
                 mb = p.memory_info().rss / 2**20
                 name = "driver" if p.pid == self.root.pid else _role(p)
-            except (psutil.Error, IndexError):
+                pss += pss_mb(p.pid)
+            except (psutil.Error, IndexError, OSError):
                 continue
             key = name.split(".")[0] if name.startswith("ray::") else name  # ray::GeneratorActor.generate -> role
             parts[key] = parts.get(key, 0.0) + mb
+        self.peak_pss_mb = max(self.peak_pss_mb, pss)
         total = sum(parts.values())
         if total > self.peak_mb:
             self.peak_mb, self.peak_parts = total, {k: round(v, 1) for k, v in sorted(parts.items(), key=lambda kv: -kv[1])}

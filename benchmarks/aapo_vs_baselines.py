@@ -100,6 +100,7 @@ def run_trial(config: dict) -> None:
     spec = config["spec"]
     cfg = load_config(None, [f"{k}={v}" for k, v in spec["overrides"].items()])
     started = time.perf_counter()
+    shutil.rmtree(spec["run_dir"], ignore_errors=True)  # a trial not in the results file: what it left is partial
     run_dir = train(cfg, run_dir=spec["run_dir"], progress=False)
     rows = read_metrics(run_dir)
     shutil.rmtree(Path(run_dir) / "checkpoints", ignore_errors=True)  # the study needs the metrics only

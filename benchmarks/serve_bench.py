@@ -147,6 +147,7 @@ def main() -> int:
     from ray import serve
 
     from aapo_ray.backends import HFBackend
+    from aapo_ray.continuous_batching import continuous_engine
     from aapo_ray.launch import init_ray
     from aapo_ray.checkpoint import resolve_model_dir
     from aapo_ray.serve import build_app
@@ -161,7 +162,7 @@ def main() -> int:
         model_dir = str(default_model_path(progress=False, recipe=args.recipe))
     prompts = SyntheticTask().prompts("test", 64)
     backend = HFBackend.load(model_dir, device="cpu")
-    engine = backend.continuous_batching(max(args.concurrency))  # idle while `bare` generates
+    engine = continuous_engine(backend, max(args.concurrency))  # idle while `bare` generates
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -3,7 +3,9 @@ Ray cluster each time, the embedded model already cached), and the peak RSS of i
 
 Per round: ``python -c "import aapo_ray.train_cli"`` (imports), ``aapo --help``, and ``aapo train`` for
 ``--steps`` steps with no evaluation and no checkpoint, once on a cluster of its own (``cold``) and once
-joining a local cluster kept warm with ``ray start --head`` (``warm``: ``--address``). From the run's step-0 metrics: ``time/ray_init_s``
+joining a local cluster kept warm with ``ray start --head`` (``warm``: ``--address``), and once more joining it
+with ``ray.keep_roles=true`` (``kept``: the role actors an earlier run left loaded are re-initialised in place;
+one untimed run first leaves them there). From the run's step-0 metrics: ``time/ray_init_s``
 (the local cluster) and ``time/roles_start_s`` (every role up: generators, scorer, DeepSpeed learners,
 started concurrently). Fixed cost = wall - the steps' own time; the rest of it (interpreter, imports,
 config, model and prompt checks, shutdown) is ``other``. Rounds are interleaved with nothing else.
@@ -46,33 +48,51 @@ def stop_cluster(temp_dir: Path, port: int) -> None:
     psutil.wait_procs(procs, timeout=10)
 
 
-def timed(cmd: list[str], **kw) -> tuple[float, float, dict]:
-    """(wall seconds, peak RSS MB of the process tree, that peak split by role / process)."""
+def timed(cmd: list[str], **kw) -> tuple[float, float, dict, float]:
+    """(wall seconds, peak RSS MB of the process tree, that peak split by role / process, peak PSS MB)."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=C.REPO, **kw)
     with C.RssSampler(interval=0.2, pid=proc.pid) as rss:
         out, err = proc.communicate()
     if proc.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err[-3000:]}")
-    return time.perf_counter() - start, rss.peak_mb, rss.peak_parts
+    return time.perf_counter() - start, rss.peak_mb, rss.peak_parts, rss.peak_pss_mb
 
 
-def one_round(steps: int, address: str | None = None, env: dict | None = None) -> dict:
+def cluster_memory(temp_dir: Path, port: int) -> dict:
+    """RSS and PSS (MB) of the kept cluster's processes and their children (daemons, idle workers, kept
+    actors), after a run."""
+    import psutil
+
+    marks = (str(temp_dir), f":{port}")
+    roots = [p for p in psutil.process_iter(["cmdline"]) if any(m in arg for arg in (p.info["cmdline"] or []) for m in marks)]
+    seen = {p.pid: p for r in roots for p in [r, *r.children(recursive=True)]}
+    rss = pss = 0.0
+    for p in seen.values():
+        try:
+            rss += p.memory_info().rss / 2**20
+            pss += C.pss_mb(p.pid)
+        except (psutil.NoSuchProcess, OSError):
+            pass
+    return {"cluster_rss_mb": rss, "cluster_pss_mb": pss}
+
+
+def one_round(steps: int, address: str | None = None, env: dict | None = None, extra: tuple = ()) -> dict:
     from aapo_ray.metrics import read_metrics
 
     imports, *_ = timed([sys.executable, "-c", "import aapo_ray.train_cli"])
     help_s, *_ = timed([AAPO, "--help"])
     join = ["--address", address] if address else []
     with tempfile.TemporaryDirectory(prefix="aapo-startup-") as tmp:
-        wall, peak, parts_mb = timed([AAPO, "train", *join, "--run-dir", f"{tmp}/run", "--no-progress", f"run.steps={steps}",
-                            "run.eval_every=0", "run.save_every=0", "data.eval=null"], env=env)
+        wall, peak, parts_mb, pss = timed([AAPO, "train", *join, "--run-dir", f"{tmp}/run", "--no-progress", f"run.steps={steps}",
+                            "run.eval_every=0", "run.save_every=0", "data.eval=null", *extra], env=env)
         rows = read_metrics(Path(tmp) / "run")
     first = next(r for r in rows if r["step"] == 0)
     step_s = sum(r["time/step_s"] for r in rows if r["step"] > 0)
     fixed = wall - step_s
     parts = {"ray_init_s": first["time/ray_init_s"], "roles_start_s": first["time/roles_start_s"]}
-    return {"import_s": imports, "help_s": help_s, "wall_s": wall, "steps_s": step_s, "fixed_s": fixed, **parts,
-            "other_s": fixed - sum(parts.values()), "peak_rss_mb": peak, "peak_rss_parts_mb": parts_mb}
+    return {"kept_reused": first.get("roles/kept_reused", 0), "import_s": imports, "help_s": help_s, "wall_s": wall, "steps_s": step_s, "fixed_s": fixed, **parts,
+            "other_s": fixed - sum(parts.values()), "peak_rss_mb": peak, "peak_pss_mb": pss, "peak_rss_parts_mb": parts_mb}
 
 
 def main() -> None:
@@ -87,20 +107,32 @@ def main() -> None:
     subprocess.run([str(Path(sys.executable).with_name("ray")), "start", "--head", "--port", str(port),
                     "--node-ip-address", "127.0.0.1", "--include-dashboard", "false", "--temp-dir", str(temp),
                     "--disable-usage-stats"], env=env, check=True, capture_output=True)
+    address, keep = f"127.0.0.1:{port}", ("ray.keep_roles=true",)
+
+    def kept(_):
+        out = one_round(a.steps, address, env, keep)
+        return {**out, **cluster_memory(temp, port)}
+
     try:
+        one_round(a.steps, address, env, keep)  # leaves the roles loaded for the timed "kept" runs
         res = C.interleave({"cold": lambda r: one_round(a.steps),
-                            "warm": lambda r: one_round(a.steps, f"127.0.0.1:{port}", env)}, a.rounds)
+                            "warm": lambda r: {**one_round(a.steps, address, env), **cluster_memory(temp, port)},
+                            "kept": kept}, a.rounds)
     finally:
         stop_cluster(temp, port)
-    keys = ["import_s", "help_s", "ray_init_s", "roles_start_s", "other_s", "fixed_s", "steps_s", "wall_s", "peak_rss_mb"]
-    print(C.table([{"": k, **{f"{arm} median": C.median([r[k] for r in res[arm]]) for arm in res},
-                    **{f"{arm} range": f"{min(r[k] for r in res[arm]):.3g}-{max(r[k] for r in res[arm]):.3g}"
-                       for arm in res}} for k in keys]))
+    keys = ["import_s", "help_s", "ray_init_s", "roles_start_s", "other_s", "fixed_s", "steps_s", "wall_s", "peak_rss_mb",
+            "peak_pss_mb", "cluster_rss_mb", "cluster_pss_mb", "kept_reused"]
+    print(C.table([{"": k, **{f"{arm} median": C.median([r.get(k, float("nan")) for r in res[arm]]) for arm in res},
+                    **{f"{arm} range": f"{min(r.get(k, float('nan')) for r in res[arm]):.3g}-"
+                                       f"{max(r.get(k, float('nan')) for r in res[arm]):.3g}" for arm in res}} for k in keys]))
+    print("fixed cost, kept / warm per round: " + ", ".join(
+        f"{k['fixed_s'] / w['fixed_s']:.2f}" for k, w in zip(res["kept"], res["warm"])))
     for arm in res:
         print(f"{arm}: peak RSS by role, MB (first round): " + ", ".join(
             f"{role} {mb:.0f}" for role, mb in res[arm][0]["peak_rss_parts_mb"].items()))
     print("peak RSS counts the train command's own process tree: with --address, Ray's daemons belong to "
-          "`ray start` and are not in it")
+          "`ray start` and are not in it; cluster_rss_mb is the kept cluster's processes after the run (with "
+          "ray.keep_roles the loaded roles stay there)")
     path = C.save("startup", {"machine": C.machine(), "args": vars(a), "rounds": res})
     print(f"wrote {path}")
 

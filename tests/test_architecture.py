@@ -127,5 +127,8 @@ def test_the_cli_imports_only_the_command_it_runs():
     assert not {"torch", "transformers", "ray", "aapo_ray.train_cli"} & listing  # `aapo --help`: the table only
     train = _modules_after(["train", "run.steps=1"])
     assert "aapo_ray.driver" in train and not {"ray.serve", "aapo_ray.eval_cmd", "aapo_ray.serve"} & train
+    # nor what only Serve or a warm-start build needs: transformers' continuous-batching engine pulls in
+    # torch._dynamo, the Llama modeling code transformers' masking utilities (~2.5 s together on 2 cores)
+    assert not {"aapo_ray.continuous_batching", "torch._dynamo", "transformers.models.llama.modeling_llama"} & train
     serve = _modules_after(["serve", "some/run"])
     assert "aapo_ray.serve" in serve and "aapo_ray.driver" not in serve

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from aapo_ray.backends import HFBackend
-from aapo_ray.continuous_batching import ContinuousBatcher, GreedyAwareTemperature
+from aapo_ray.continuous_batching import ContinuousBatcher, GreedyAwareTemperature, continuous_engine
 from aapo_ray.models import load_model_and_tokenizer
 from aapo_ray.openai_api import APIError
 from aapo_ray.sampling import SamplingParams, row_seeds
@@ -35,7 +35,7 @@ def reference(tiny_model_path):
 
 @pytest.fixture(scope="module")
 def jobs(backend):
-    engine = backend.continuous_batching(16)
+    engine = continuous_engine(backend, 16)
     yield ContinuousJobs(backend, engine, ThreadPoolExecutor(1), set(backend.eos_ids))
     engine.close()
 
@@ -183,7 +183,7 @@ def test_a_checkpoints_generation_config_does_not_change_continuous_sampling(tin
                            min_new_tokens=10, epsilon_cutoff=0.2).items():
         setattr(model.generation_config, key, value)
     poisoned = HFBackend(model, tok)
-    engine = poisoned.continuous_batching(8)
+    engine = continuous_engine(poisoned, 8)
     try:
         jobs = ContinuousJobs(poisoned, engine, ThreadPoolExecutor(1), set(poisoned.eos_ids))
         events = asyncio.run(_collect(jobs, Job(prompts, 1, GREEDY, False)))
