@@ -101,25 +101,30 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2)
     a = ap.parse_args()
     C.model_dir("embedded")  # cached before timing
-    port, temp = free_port(), Path(tempfile.mkdtemp(prefix="aapo-warm-", dir="/tmp"))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
-    subprocess.run([str(Path(sys.executable).with_name("ray")), "start", "--head", "--port", str(port),
-                    "--node-ip-address", "127.0.0.1", "--include-dashboard", "false", "--temp-dir", str(temp),
-                    "--disable-usage-stats"], env=env, check=True, capture_output=True)
-    address, keep = f"127.0.0.1:{port}", ("ray.keep_roles=true",)
+    # two kept clusters: a run without ray.keep_roles kills idle kept actors that hold the CPUs it needs,
+    # so the "warm" and "kept" runs must not share one
+    clusters = {arm: (free_port(), Path(tempfile.mkdtemp(prefix=f"aapo-{arm}-", dir="/tmp"))) for arm in ("warm", "kept")}
+    for port, temp in clusters.values():
+        subprocess.run([str(Path(sys.executable).with_name("ray")), "start", "--head", "--port", str(port),
+                        "--node-ip-address", "127.0.0.1", "--include-dashboard", "false", "--temp-dir", str(temp),
+                        "--disable-usage-stats"], env=env, check=True, capture_output=True)
+    keep = ("ray.keep_roles=true",)
 
-    def kept(_):
-        out = one_round(a.steps, address, env, keep)
-        return {**out, **cluster_memory(temp, port)}
+    def joined(arm: str, extra: tuple = ()):
+        port, temp = clusters[arm]
+        return {**one_round(a.steps, f"127.0.0.1:{port}", env, extra), **cluster_memory(temp, port)}
 
     try:
-        one_round(a.steps, address, env, keep)  # leaves the roles loaded for the timed "kept" runs
-        res = C.interleave({"cold": lambda r: one_round(a.steps),
-                            "warm": lambda r: {**one_round(a.steps, address, env), **cluster_memory(temp, port)},
-                            "kept": kept}, a.rounds)
+        joined("kept", keep)  # leaves the roles loaded for the timed "kept" runs
+        res = C.interleave({"cold": lambda r: one_round(a.steps), "warm": lambda r: joined("warm"),
+                            "kept": lambda r: joined("kept", keep)}, a.rounds)
     finally:
-        stop_cluster(temp, port)
+        for port, temp in clusters.values():
+            stop_cluster(temp, port)
+    if not all(r["kept_reused"] for r in res["kept"]):  # the arm measures reuse, or nothing
+        raise RuntimeError(f"a 'kept' run started fresh actors: {[r['kept_reused'] for r in res['kept']]}")
     keys = ["import_s", "help_s", "ray_init_s", "roles_start_s", "other_s", "fixed_s", "steps_s", "wall_s", "peak_rss_mb",
             "peak_pss_mb", "cluster_rss_mb", "cluster_pss_mb", "kept_reused"]
     print(C.table([{"": k, **{f"{arm} median": C.median([r.get(k, float("nan")) for r in res[arm]]) for arm in res},
