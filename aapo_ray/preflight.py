@@ -121,6 +121,10 @@ def check_keep_roles(cfg: Config) -> None:
         raise ConfigError("ray.keep_roles=true keeps the roles loaded for the next run, but this run would start "
                           "its own local Ray cluster, which ends with it. Start one that outlives runs "
                           "(`ray start --head`) and join it: aapo train --address auto ray.keep_roles=true")
+    if cfg.ray.keep_roles and cfg.rollout.weight_sync == "nccl":  # the broadcast group is formed once per process
+        raise ConfigError("ray.keep_roles=true with rollout.weight_sync=nccl: a kept learner and kept generators "
+                          "cannot form a new weight-update group with each other; use rollout.weight_sync=object_store "
+                          "or drop ray.keep_roles")
 
 
 def check_reference_cache(cfg: Config, model_path: str, prompts: pa.RecordBatch) -> dict:

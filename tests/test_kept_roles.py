@@ -163,3 +163,13 @@ def test_a_run_that_does_not_keep_roles_is_not_starved_by_idle_kept_ones(ray_clu
         assert ray.get(held.held[0].get.remote()) == "held"
     finally:
         kill_kept()
+
+
+def test_keep_roles_with_an_nccl_weight_group_is_refused():
+    from aapo_ray.preflight import check_keep_roles
+
+    cfg = load_config(None, ["ray.keep_roles=true", "ray.address=auto", "rollout.backend=sglang",
+                             "rollout.weight_sync=nccl", "rollout.gpus_per_replica=1", "learner.gpus_per_learner=1"])
+    with pytest.raises(ConfigError, match="weight_sync=nccl"):
+        check_keep_roles(cfg)
+    check_keep_roles(load_config(None, ["ray.keep_roles=true", "ray.address=auto"]))  # object-store sync: fine
