@@ -11,6 +11,7 @@ import time
 import psutil
 import pytest
 
+from aapo_ray.metrics import read_metrics
 from test_faults import overrides, steps_of
 
 

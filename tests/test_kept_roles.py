@@ -9,8 +9,9 @@ import ray
 
 from aapo_ray.config import ConfigError, load_config
 from aapo_ray.driver import train
-from aapo_ray.kept_roles import PREFIX, KeepableRole, KeptRoles
+from aapo_ray.kept_roles import PREFIX, KeepableRole, KeptRoles, make_room
 from aapo_ray.metrics import read_metrics
+from aapo_ray.scorer import ScorerPool
 
 COMPARED = ("reward_mean", "ref_reward_mean", "learner/loss", "learner/grad_norm", "completion_tokens", "eval/accuracy")
 
@@ -122,8 +123,6 @@ def test_an_actor_whose_run_died_is_free_again(ray_cluster, tmp_path):
         subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=300)
         assert len(kept_names()) == 1
         time.sleep(8)  # Ray notices a driver that vanished within ~5 s (until then its actors count as taken)
-        from aapo_ray.scorer import ScorerPool
-
         kept = KeptRoles()
         ScorerPool(load_config(None, cfg_args), kept=kept)
         assert kept.reused == 1 and len(kept_names()) == 1  # taken over, not a second actor
@@ -131,15 +130,19 @@ def test_an_actor_whose_run_died_is_free_again(ray_cluster, tmp_path):
         kill_kept()
 
 
+def leave_an_idle_actor_holding_every_cpu():
+    """A kept actor that asks for all the cluster's CPUs (scheduled once nothing else holds one), handed back."""
+    run = KeptRoles()
+    big = run.start(_Probe.__ray_actor_class__, {"num_cpus": ray.cluster_resources()["CPU"]}, ("big",), role="probe")
+    assert ray.get(big.get.remote()) == "big"
+    run.release()
+
+
 def test_idle_actors_of_another_shape_give_way_when_the_cluster_is_full(ray_cluster):
     """Kept actors hold their CPUs while idle; a run that needs them for another shape kills idle ones."""
     kill_kept()
     try:
-        cpus = ray.cluster_resources()["CPU"]  # every CPU: scheduled once nothing else holds one
-        run_a = KeptRoles()
-        big = run_a.start(_Probe.__ray_actor_class__, {"num_cpus": cpus}, ("big",), role="probe")
-        assert ray.get(big.get.remote()) == "big"
-        run_a.release()
+        leave_an_idle_actor_holding_every_cpu()
         other = KeptRoles().start(_Probe.__ray_actor_class__, {"num_cpus": 1}, ("small",), role="probe")
         assert ray.get(other.get.remote(), timeout=60) == "small"  # would wait for the idle one's CPUs for good
         assert len(wait_for_kept(1)) == 1
@@ -148,16 +151,11 @@ def test_idle_actors_of_another_shape_give_way_when_the_cluster_is_full(ray_clus
 
 
 def test_a_run_that_does_not_keep_roles_is_not_starved_by_idle_kept_ones(ray_cluster):
-    from aapo_ray.kept_roles import make_room
-
     kill_kept()
     try:
-        cpus = ray.cluster_resources()["CPU"]  # every CPU: scheduled once nothing else holds one
-        run_a = KeptRoles()
-        ray.get(run_a.start(_Probe.__ray_actor_class__, {"num_cpus": cpus}, ("big",), role="probe").get.remote())
         held = KeptRoles()  # a live run holding one more (0 CPUs): never killed
         ray.get(held.start(_Probe.__ray_actor_class__, {"num_cpus": 0}, ("held",), role="probe").get.remote())
-        run_a.release()
+        leave_an_idle_actor_holding_every_cpu()
         make_room({"CPU": 1.0, "GPU": 0.0})
         assert len(wait_for_kept(1)) == 1
         assert ray.get(held.held[0].get.remote()) == "held"
