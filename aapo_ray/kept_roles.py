@@ -118,7 +118,6 @@ class KeptRoles:
             self.reused += 1
             self.held.append(handle)
             return handle
-        raise AssertionError("unreachable")
 
     def ensure(self, handle, args: tuple, timeout_s: float = 300.0) -> bool:
         """After a fault: if Ray restarted ``handle`` (its ``__init__`` re-ran with the arguments it was
@@ -156,10 +155,9 @@ class KeptRoles:
 
     def _kill_idle(self, doomed) -> None:
         """Kill every kept actor whose name ``doomed(parts)`` selects and that no live run holds."""
-        for entry in ray.util.list_named_actors(all_namespaces=False):
-            name = entry if isinstance(entry, str) else entry.get("name", "")
+        for name in kept_actor_names():
             parts = name.split("/")
-            if len(parts) != 5 or parts[0] != PREFIX or not doomed(parts):
+            if len(parts) != 5 or not doomed(parts):
                 continue
             try:
                 handle = ray.get_actor(name)
@@ -180,6 +178,12 @@ class KeptRoles:
             self._kill_idle(lambda parts: parts[3] != shape)
 
 
+def kept_actor_names() -> list[str]:
+    """Names of the kept actors in this namespace (held or idle, any code version)."""
+    names = (e if isinstance(e, str) else e["name"] for e in ray.util.list_named_actors(all_namespaces=False))
+    return sorted(n for n in names if n.startswith(PREFIX + "/"))
+
+
 def _fits(need: dict[str, float]) -> bool:
     free = ray.available_resources()
     return all(free.get(k, 0.0) + 1e-9 >= v for k, v in need.items())
@@ -189,6 +193,5 @@ def make_room(need: dict[str, float]) -> None:
     """Before a run without ``ray.keep_roles`` starts its actors: if the cluster lacks ``need`` (e.g.
     ``{"CPU": 1.75, "GPU": 0}``) and idle kept actors are what holds it, kill those (a run that does not
     keep roles would otherwise wait for their CPUs / GPUs for good)."""
-    kept = [e for e in ray.util.list_named_actors() if (e if isinstance(e, str) else e["name"]).startswith(PREFIX + "/")]
-    if kept and not _fits(need):
+    if kept_actor_names() and not _fits(need):
         KeptRoles()._kill_idle(lambda parts: True)

@@ -9,16 +9,14 @@ import ray
 
 from aapo_ray.config import ConfigError, load_config
 from aapo_ray.driver import train
-from aapo_ray.kept_roles import PREFIX, KeepableRole, KeptRoles, make_room
+from aapo_ray.kept_roles import KeepableRole, KeptRoles, make_room
+from aapo_ray.kept_roles import kept_actor_names as kept_names
 from aapo_ray.metrics import read_metrics
 from aapo_ray.scorer import ScorerPool
 
 COMPARED = ("reward_mean", "ref_reward_mean", "learner/loss", "learner/grad_norm", "completion_tokens", "eval/accuracy")
 
 
-def kept_names():
-    return sorted(n for n in (e if isinstance(e, str) else e["name"] for e in ray.util.list_named_actors())
-                  if n.startswith(PREFIX + "/"))
 
 
 def wait_for_kept(count, timeout_s=30.0):
