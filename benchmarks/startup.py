@@ -36,15 +36,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def cluster_processes(temp_dir: Path, port: int) -> list:
+    """The processes of the cluster this script started (matched by its temp dir or port), and their children."""
+    import psutil
+
+    marks = (str(temp_dir), f":{port}")
+    roots = [p for p in psutil.process_iter(["cmdline"]) if p.pid != os.getpid()
+             and any(m in arg for arg in (p.info["cmdline"] or []) for m in marks)]
+    return list({p.pid: p for r in roots for p in [r, *r.children(recursive=True)]}.values())
+
+
 def stop_cluster(temp_dir: Path, port: int) -> None:
     """Kill the processes of the cluster this script started (``ray stop`` would kill every Ray here)."""
     import psutil
 
-    marks = (str(temp_dir), f":{port}")
-    procs = [p for p in psutil.process_iter(["cmdline"]) if p.pid != os.getpid()
-             and any(m in arg for arg in (p.info["cmdline"] or []) for m in marks)]
+    procs = cluster_processes(temp_dir, port)
     for p in procs:
-        p.kill()
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:  # a worker that died with its raylet
+            pass
     psutil.wait_procs(procs, timeout=10)
 
 
@@ -64,11 +75,8 @@ def cluster_memory(temp_dir: Path, port: int) -> dict:
     actors), after a run."""
     import psutil
 
-    marks = (str(temp_dir), f":{port}")
-    roots = [p for p in psutil.process_iter(["cmdline"]) if any(m in arg for arg in (p.info["cmdline"] or []) for m in marks)]
-    seen = {p.pid: p for r in roots for p in [r, *r.children(recursive=True)]}
     rss = pss = 0.0
-    for p in seen.values():
+    for p in cluster_processes(temp_dir, port):
         try:
             rss += p.memory_info().rss / 2**20
             pss += C.pss_mb(p.pid)
