@@ -19,7 +19,7 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
 from aapo_ray.models import eos_token_ids, load_model_and_tokenizer
-from aapo_ray.sampling import Completions, SamplingParams, TokenScores, apply_stop
+from aapo_ray.sampling import Completions, SamplingParams, TokenScores, apply_stop, row_seeds
 from aapo_ray.sglang_backend import SGLangBackend
 from aapo_ray.weights import load_weight_buckets
 
@@ -172,6 +172,14 @@ class RowSeededSampler(LogitsProcessor):
         self.step += 1
         drawn = torch.searchsorted(cdf, u, right=True).clamp_(max=scores.shape[-1] - 1)
         return torch.full_like(scores, float("-inf")).scatter_(1, drawn, 0.0)
+
+
+def sample_rows(backend, prompt_ids: list[list[int]], params: SamplingParams) -> Completions:
+    """Sample every row with a generator of its own, row ``i`` seeded ``row_seeds(params.seed, rows)[i]``: how
+    a training chunk is drawn (:meth:`aapo_ray.generator.GeneratorActor.generate`), and a reference-cache
+    shard (:mod:`aapo_ray.reference_build`) with it. A row's draws do not depend on what else samples in the
+    same process at the same time (co-located roles) nor on the batching."""
+    return backend.generate(prompt_ids, params, seeds=row_seeds(params.seed, len(prompt_ids)))
 
 
 def make_backend(kind: str, model_path: str, *, trust_remote_code: bool = False, dtype: str = "float32",

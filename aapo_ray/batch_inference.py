@@ -6,14 +6,14 @@ Seeds: :meth:`BackendSampler.sample` draws sample ``j`` of a prompt with its own
 ``row_seeds(prompt's seed, k)[j]``, and samples all the prompts of a batch (with the same budget) in one
 engine call: on hf (one ``torch.Generator`` per row) a sample depends neither on how Ray batches the
 prompts nor on the number of actors; SGLang honours the per-row seeds in its deterministic mode.
-:meth:`BackendSampler.sample_together` instead seeds one call as a training generator does.
+:meth:`BackendSampler.sample_together` instead draws one call's rows as a training generator does (:func:`aapo_ray.backends.sample_rows`).
 """
 
 from __future__ import annotations
 
 import ray
 
-from aapo_ray.backends import make_backend
+from aapo_ray.backends import make_backend, sample_rows
 from aapo_ray.launch import setup_actor_process
 from aapo_ray.sampling import Completions, SamplingParams, row_seeds
 
@@ -52,7 +52,7 @@ class BackendSampler:
     def sample_together(self, prompt_ids: list[list[int]], max_new_tokens: int, seed: int) -> list[Completions]:
         """``k`` completions of each prompt from one generate call seeded with ``seed`` (rows ordered
         prompt by prompt, as :meth:`aapo_ray.generator.GeneratorActor.generate` orders a chunk's)."""
-        done = self.backend.generate([p for p in prompt_ids for _ in range(self.k)], self.params(max_new_tokens, seed))
+        done = sample_rows(self.backend, [p for p in prompt_ids for _ in range(self.k)], self.params(max_new_tokens, seed))
         return self._per_prompt(done, len(prompt_ids))
 
     def _per_prompt(self, done: Completions, prompts: int) -> list[Completions]:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 EMBEDDED_MODEL = "embedded"  # the tiny warm-started default built locally by aapo_ray.embedded
 
@@ -186,6 +186,14 @@ class RayConfig(Section):
     # keep the role actors loaded after the run, for the next run on the same cluster (aapo_ray/kept_roles.py);
     # needs a cluster that outlives the run: `ray start --head`, then --address auto
     keep_roles: bool = False
+    # CPU roles in shared processes (aapo_ray/colocation.py): off (a process per role), split (two: policy +
+    # scorers, learner + reference), one; None: split for a local cluster of the run's own with CPU roles only
+    colocate: Literal["off", "split", "one"] | None = None
+
+    @field_validator("colocate", mode="before")
+    @classmethod
+    def _colocate_bool(cls, value):
+        return {True: "split", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
 
 class Config(Section):

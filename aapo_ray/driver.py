@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from aapo_ray import checkpoint as ckpt
 from aapo_ray.algo import advantage_diagnostics, get_estimator, gpg_alpha, loss_weights
 from aapo_ray.collect import async_start, finish, gpg_topup
+from aapo_ray.colocation import CoLocated, colocate_mode
 from aapo_ray.config import Config, dump_config
 from aapo_ray.data import PromptSampler
 from aapo_ray.evaluation import evaluate
@@ -70,20 +71,25 @@ def train(cfg: Config, *, run_dir: str | Path | None = None, resume: bool = Fals
         interrupted = roles.enter_context(interrupt_latch())
         # every role starts at once: the generators load while the learners build their engines
         started = time.perf_counter()
-        kept = KeptRoles() if cfg.ray.keep_roles else None  # actors earlier runs kept loaded, handed back at exit
-        if not kept:
+        if not cfg.ray.keep_roles:
             make_room(run_resources(cfg))  # idle actors kept by other runs give way
-        policy = _started(roles, GeneratorPool(cfg, model_path, wait=False, kept=kept))
-        reference = (_started(roles, ReferencePool(cfg, model_path, wait=False, kept=kept)) if online_reference(cfg)
-                     else None)
-        scorers = _started(roles, ScorerPool(cfg, wait=False, kept=kept))
-        learners = LearnerGroup(cfg, model_path, kept=kept)
+        mode = colocate_mode(cfg)
+        source = (KeptRoles() if cfg.ray.keep_roles  # actors earlier runs kept loaded, handed back at exit
+                  else CoLocated(cfg, mode, reference=online_reference(cfg)) if mode != "off"  # shared processes
+                  else None)  # a process per role
+        policy = _started(roles, GeneratorPool(cfg, model_path, wait=False, source=source))
+        reference = (_started(roles, ReferencePool(cfg, model_path, wait=False, source=source))
+                     if online_reference(cfg) else None)
+        scorers = _started(roles, ScorerPool(cfg, wait=False, source=source))
+        learners = LearnerGroup(cfg, model_path, source=source)
         roles.callback(lambda: learners.shutdown())
         for pool in (policy, reference, scorers):
             if pool:
                 pool.wait_ready()
         startup["time/roles_start_s"] = time.perf_counter() - started
-        startup["roles/kept_reused"] = kept.reused if kept else 0
+        startup["roles/kept_reused"] = source.reused if source else 0
+        actors = [*policy.actors, *(reference.actors if reference else []), *scorers.actors, *learners.actors]
+        startup["roles/processes"] = float(len(source.hosts) if isinstance(source, CoLocated) else len(actors))
         recovery = Recovery(run_dir, cfg, model_path, sampler, policy)
         step = recovery.start(learners, resume)
         metrics_log = MetricsLogger(run_dir, resume_step=step if resume else None)

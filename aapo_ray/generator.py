@@ -16,9 +16,10 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from aapo_ray.backends import make_backend
+from aapo_ray.backends import make_backend, sample_rows
 from aapo_ray.config import Config
-from aapo_ray.kept_roles import KeepableRole, KeptRoles
+from aapo_ray.actor_sources import FreshActors
+from aapo_ray.kept_roles import KeepableRole
 from aapo_ray.launch import setup_actor_process
 from aapo_ray.rollout import make_rollout_batch
 from aapo_ray.sampling import SamplingParams, chunk_seed, engine_seed
@@ -47,7 +48,7 @@ class GeneratorActor(KeepableRole):
         start = time.perf_counter()
         prompt_lists = prompts.column("prompt_ids").to_pylist()
         repeated = [p for p in prompt_lists for _ in range(n)]
-        out = self.backend.generate(repeated, params)
+        out = sample_rows(self.backend, repeated, params)  # a generator per row, never torch's global one
         rows = np.repeat(np.arange(prompts.num_rows), n)
         batch = make_rollout_batch(
             prompt_ids=repeated, completion_ids=out.token_ids,
@@ -114,11 +115,11 @@ class GeneratorPool:
     actor_class = GeneratorActor  # its name is the actor processes' title (ray::GeneratorActor)
 
     def __init__(self, cfg: Config, model_path: str, replicas: int | None = None, *, wait: bool = True,
-                 kept: KeptRoles | None = None):
+                 source=None):
         """Start the replicas; ``wait=False`` returns at once (call :meth:`wait_ready` before use), so that
-        the driver starts every role concurrently. ``kept``: take actors kept loaded by earlier runs
-        (:mod:`aapo_ray.kept_roles`) and hand them back at :meth:`shutdown`."""
-        self.cfg, self.model_path, self.kept = cfg, model_path, kept
+        the driver starts every role concurrently. ``source``: where the actors come from (default: fresh
+        processes; :mod:`aapo_ray.actor_sources`); they are handed back to it at :meth:`shutdown`."""
+        self.cfg, self.model_path, self.source = cfg, model_path, source or FreshActors()
         self._latest: tuple[list | None, int] = ([], 0)  # (weight bucket refs, version) last pushed; None: broadcast
         self.broadcast_group = False  # the replicas joined learner rank 0's weight-update group (aapo_ray.weight_sync)
         self.restarted_replicas = 0  # replicas found behind the latest weights (Ray restarted them)
@@ -136,10 +137,8 @@ class GeneratorPool:
         resources = self.cfg.ray.role_resources.get(self.role, {})
         options = dict(num_cpus=roll.cpus_per_replica, num_gpus=roll.gpus_per_replica, resources=resources or None,
                        max_restarts=3, max_task_retries=0)
-        args = (self.cfg, self.model_path, self.role, replica)
-        if self.kept:
-            return self.kept.start(self.actor_class, options, args, role=self.role)
-        return ray.remote(self.actor_class).options(**options).remote(*args)
+        return self.source.start(self.actor_class, options, (self.cfg, self.model_path, self.role, replica),
+                                 role=self.role)
 
     def sampling(self, seed: int, *, temperature: float | None = None, top_p: float | None = None) -> SamplingParams:
         roll = self.cfg.rollout
@@ -186,7 +185,7 @@ class GeneratorPool:
             except ray.exceptions.RayActorError:  # out of restarts: start a fresh one
                 self.actors[i] = actor = self._new_actor(i)
                 current = ray.get(actor.ready.remote(), timeout=timeout_s)["version"]
-            if self.kept and self.kept.ensure(actor, (self.cfg, self.model_path, self.role, i), timeout_s):
+            if self.source.ensure(actor, (self.cfg, self.model_path, self.role, i), timeout_s):
                 current = 0  # re-initialised with this run's model: the initial weights
             if current != version:  # restarted with the initial weights (never true for the reference)
                 if buckets is None:
@@ -204,10 +203,6 @@ class GeneratorPool:
         return self._latest[1]
 
     def shutdown(self) -> None:
-        """Kill the replicas, or hand kept ones back loaded."""
-        if self.kept:
-            self.kept.release(self.actors)
-        else:
-            for a in self.actors:
-                ray.kill(a)
+        """Hand the replicas back to their source (fresh ones are killed, kept ones stay loaded)."""
+        self.source.release(self.actors)
         self.actors = []

@@ -29,7 +29,9 @@ import torch
 
 from aapo_ray.algo import get_estimator, grpo_loss
 from aapo_ray.config import Config
-from aapo_ray.kept_roles import KeepableRole, KeptRoles
+from aapo_ray.actor_sources import FreshActors
+from aapo_ray.colocation import CoLocated
+from aapo_ray.kept_roles import KeepableRole
 from aapo_ray.launch import setup_actor_process
 from aapo_ray.logprobs import policy_logprobs, prepare_for_training
 from aapo_ray.models import load_model_and_tokenizer
@@ -325,23 +327,22 @@ class LearnerActor(KeepableRole):
 class LearnerGroup:
     """Driver-side handle on ``cfg.learner.num_learners`` learner ranks."""
 
-    def __init__(self, cfg: Config, model_path: str, *, kept: KeptRoles | None = None):
-        """Start the ranks and build their engines. ``kept``: a single learner (world size 1) is taken from
-        the actors earlier runs kept loaded (:mod:`aapo_ray.kept_roles`) and handed back at :meth:`shutdown`;
-        larger groups always start fresh (their process group is formed anew each run)."""
+    def __init__(self, cfg: Config, model_path: str, *, source=None):
+        """Start the ranks and build their engines. ``source``: where a single learner (world size 1) comes
+        from (:mod:`aapo_ray.actor_sources`: kept loaded by earlier runs, or in the co-located roles' process);
+        it is handed back at :meth:`shutdown`. Larger groups always start fresh processes (their process group
+        is formed anew each run)."""
         lc = cfg.learner
         self.cfg, self.world_size = cfg, lc.num_learners
-        self.kept = kept if self.world_size == 1 else None
+        self.source = source if source and self.world_size == 1 else FreshActors()
         options = dict(num_cpus=lc.cpus_per_learner, num_gpus=lc.gpus_per_learner,
                        resources=cfg.ray.role_resources.get("learner") or None, max_restarts=0, max_task_retries=0)
-        if self.kept:
-            self.actors = [self.kept.start(LearnerActor, options, (cfg, model_path, 0, 1), role="learner")]
-        else:
-            actor_cls = ray.remote(LearnerActor).options(**options)
-            self.actors = [actor_cls.remote(cfg, model_path, r, self.world_size) for r in range(self.world_size)]
+        self.actors = [self.source.start(LearnerActor, options, (cfg, model_path, r, self.world_size), role="learner")
+                       for r in range(self.world_size)]
         try:  # all processes up first, so that the rendezvous does not wait on a slow start
             placement = self._gather("start", [a.placement.remote() for a in self.actors])
-            threads = learner_threads(cfg, placement)
+            shared = isinstance(self.source, CoLocated)  # other roles' threads share its math libraries' pools
+            threads = [lc.torch_threads or cfg.run.torch_threads] if shared else learner_threads(cfg, placement)
             addr, port = self._gather("master_address", [self.actors[0].master_address.remote()])[0]
             setup = self._gather("setup", [a.setup.remote(addr, port, t) for a, t in zip(self.actors, threads)])
             self.torch_threads = [m["torch_threads"] for m in setup]
@@ -411,19 +412,13 @@ class LearnerGroup:
         self._gather("save_hf", [self.actors[0].save_hf.remote(path)])
 
     def shutdown(self) -> None:
-        """Kill the ranks, or hand a kept learner back loaded."""
-        if self.kept:
-            self.kept.release(self.actors)
-            self.actors = []
-        else:
-            self.kill()
+        """Hand the ranks back to their source (fresh ones are killed, a kept learner stays loaded)."""
+        self.source.release(self.actors)
+        self.actors = []
 
     def kill(self) -> None:
         """Kill the ranks, kept or not (after a failure their state is unknown)."""
-        if self.kept:
-            self.kept.forget(self.actors)
-        for actor in self.actors:
-            ray.kill(actor)
+        self.source.forget(self.actors)
         self.actors = []
 
     def __enter__(self) -> "LearnerGroup":

@@ -14,6 +14,7 @@ import ray
 from transformers import AutoTokenizer
 
 from aapo_ray.algo import get_estimator
+from aapo_ray.colocation import check_colocate
 from aapo_ray.config import EMBEDDED_MODEL, Config, ConfigError, load_config
 from aapo_ray.data import load_prompt_dataset, render_prompts
 from aapo_ray.embedded import default_model_path, model_identity
@@ -37,6 +38,7 @@ def check_config(cfg: Config) -> Config:
     if cfg.algo.reference == "precomputed" and not get_estimator(cfg.algo.estimator).needs_reference:
         raise ConfigError(f"invalid config:\n  algo.reference: precomputed, but algo.estimator={cfg.algo.estimator} "
                           f"samples no reference; leave algo.reference at online (or use estimator aapo)")
+    check_colocate(cfg)
     try:  # GPU roles only; skipped when the model's architecture is unknown (aapo_ray/memory_plan.py)
         check_memory(cfg)
     except ValueError as exc:

@@ -85,9 +85,9 @@ class Recovery:
                                f"aapo train --resume {self.run_dir}") from exc
         self.learner_restarts += 1
         log.warning("learner died at step %d (%s); restarting the group from the last checkpoint", step, exc)
-        kept = learners.kept
+        source = learners.source
         learners.kill()
-        learners = LearnerGroup(self.cfg, self.model_path, kept=kept)
+        learners = LearnerGroup(self.cfg, self.model_path, source=source)
         step = restore(self.run_dir, self.cfg, learners, self.policy, self.sampler)
         self._mark(step)
         return learners, step

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from aapo_ray.config import Config
 from aapo_ray.generator import FROZEN, GeneratorActor, GeneratorPool
-from aapo_ray.kept_roles import KeptRoles
 
 
 class ReferenceActor(GeneratorActor):
@@ -22,8 +21,8 @@ class ReferencePool(GeneratorPool):
     role = "reference"
     actor_class = ReferenceActor
 
-    def __init__(self, cfg: Config, model_path: str, *, wait: bool = True, kept: KeptRoles | None = None):
-        super().__init__(cfg, model_path, replicas=cfg.rollout.reference_replicas, wait=wait, kept=kept)
+    def __init__(self, cfg: Config, model_path: str, *, wait: bool = True, source=None):
+        super().__init__(cfg, model_path, replicas=cfg.rollout.reference_replicas, wait=wait, source=source)
 
     def update_weights(self, buckets, version):  # noqa: ARG002
         raise RuntimeError(FROZEN)

@@ -28,7 +28,7 @@ from aapo_ray.rollout import REWARD_PREFIX, column_numpy
 from aapo_ray.scorer import reward_weights
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: every sample drawn by a generator of its own (backends.sample_rows); 1: torch's global one
 # What training reads from a shard (the completion text stays on disk)
 READ_COLUMNS = ("prompt_id", "sample_index", "reward", "length", "finish_reason")
 

@@ -15,7 +15,8 @@ import pyarrow as pa
 import ray
 
 from aapo_ray.config import Config
-from aapo_ray.kept_roles import KeepableRole, KeptRoles
+from aapo_ray.actor_sources import FreshActors
+from aapo_ray.kept_roles import KeepableRole
 from aapo_ray.reward import BatchScorer
 from aapo_ray.rollout import with_rewards
 
@@ -54,8 +55,9 @@ class RewardScorer(KeepableRole):
 class ScorerPool:
     """``reward.num_scorers`` actors, batches assigned round-robin by ObjectRef (no driver copy)."""
 
-    def __init__(self, cfg: Config, *, wait: bool = True, kept: KeptRoles | None = None):
-        self.cfg, self.kept = cfg, kept
+    def __init__(self, cfg: Config, *, wait: bool = True, source=None):
+        """``source``: where the actors come from (default: fresh processes; :mod:`aapo_ray.actor_sources`)."""
+        self.cfg, self.source = cfg, source or FreshActors()
         self.actors = [self._new_actor() for _ in range(cfg.reward.num_scorers)]
         self._next = itertools.cycle(range(len(self.actors)))
         if wait:
@@ -68,9 +70,7 @@ class ScorerPool:
     def _new_actor(self):
         resources = self.cfg.ray.role_resources.get("scorer", {})
         options = dict(num_cpus=self.cfg.reward.cpus_per_scorer, resources=resources or None, max_restarts=3)
-        if self.kept:
-            return self.kept.start(RewardScorer, options, (self.cfg,), role="scorer")
-        return ray.remote(RewardScorer).options(**options).remote(self.cfg)
+        return self.source.start(RewardScorer, options, (self.cfg,), role="scorer")
 
     def async_score(self, batch_refs: list[ray.ObjectRef]) -> list[tuple[ray.ObjectRef, ray.ObjectRef]]:
         """One (scored batch ref, counters ref) per input ref, in order."""
@@ -81,16 +81,11 @@ class ScorerPool:
         for i, actor in enumerate(self.actors):
             try:
                 ray.get(actor.ready.remote(), timeout=timeout_s)
-                if self.kept:  # restarted by Ray with its creator's arguments: this run's config again
-                    self.kept.ensure(actor, (self.cfg,), timeout_s)
+                self.source.ensure(actor, (self.cfg,), timeout_s)  # restarted with another run's config?
             except ray.exceptions.RayActorError:
                 self.actors[i] = self._new_actor()
 
     def shutdown(self) -> None:
-        """Kill the scorers, or hand kept ones back."""
-        if self.kept:
-            self.kept.release(self.actors)
-        else:
-            for a in self.actors:
-                ray.kill(a)
+        """Hand the scorers back to their source (fresh ones are killed)."""
+        self.source.release(self.actors)
         self.actors = []

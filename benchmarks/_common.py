@@ -37,7 +37,10 @@ LARGER_RECIPE = {"model": {"hidden_size": 256, "num_hidden_layers": 6, "num_atte
                            "intermediate_size": 768, "max_position_embeddings": 256},
                  "sft": {"steps": 150}, "eval": {"n": 64}}
 # What every pipeline run in the benchmarks shares unless a script overrides it.
-BASE_OVERRIDES = {"run.eval_every": 0, "run.save_every": 0, "data.eval_limit": 64, "run.torch_threads": 1}
+# ray.colocate=off: a process per role, as the figures below were measured (and their RSS split by role);
+# startup.py measures the co-located layouts that `aapo train` picks on its own.
+BASE_OVERRIDES = {"run.eval_every": 0, "run.save_every": 0, "data.eval_limit": 64, "run.torch_threads": 1,
+                  "ray.colocate": "off"}
 
 
 # ----------------------------------------------------------------------------- statistics

@@ -2,15 +2,17 @@
 Ray cluster each time, the embedded model already cached), and the peak RSS of its process tree.
 
 Per round: ``python -c "import aapo_ray.train_cli"`` (imports), ``aapo --help``, and ``aapo train`` for
-``--steps`` steps with no evaluation and no checkpoint, once on a cluster of its own (``cold``) and once
-joining a local cluster kept warm with ``ray start --head`` (``warm``: ``--address``), and once more joining it
-with ``ray.keep_roles=true`` (``kept``: the role actors an earlier run left loaded are re-initialised in place;
-one untimed run first leaves them there). From the run's step-0 metrics: ``time/ray_init_s``
+``--steps`` steps with no evaluation and no checkpoint, on a cluster of its own with the roles in two processes
+(``cold``: the default, ``ray.colocate`` split), in one process (``cold_one``) and in a process each
+(``cold_off``: before co-location); joining a local cluster kept warm with ``ray start --head`` (``warm``:
+``--address``, a process per role; ``warm_split``: two processes), and joining it with ``ray.keep_roles=true``
+(``kept``: the role actors an earlier run left loaded are re-initialised in place; one untimed run first
+leaves them there). From the run's step-0 metrics: ``time/ray_init_s``
 (the local cluster) and ``time/roles_start_s`` (every role up: generators, scorer, DeepSpeed learners,
 started concurrently). Fixed cost = wall - the steps' own time; the rest of it (interpreter, imports,
 config, model and prompt checks, shutdown) is ``other``. Rounds are interleaved with nothing else.
 
-Usage: python benchmarks/startup.py [--rounds 3] [--steps 2]
+Usage: python benchmarks/startup.py [--rounds 3] [--steps 12]
 """
 
 from __future__ import annotations
@@ -99,14 +101,14 @@ def one_round(steps: int, address: str | None = None, env: dict | None = None, e
     step_s = sum(r["time/step_s"] for r in rows if r["step"] > 0)
     fixed = wall - step_s
     parts = {"ray_init_s": first["time/ray_init_s"], "roles_start_s": first["time/roles_start_s"]}
-    return {"kept_reused": first.get("roles/kept_reused", 0), "import_s": imports, "help_s": help_s, "wall_s": wall, "steps_s": step_s, "fixed_s": fixed, **parts,
+    return {"kept_reused": first.get("roles/kept_reused", 0), "processes": first["roles/processes"], "import_s": imports, "help_s": help_s, "wall_s": wall, "steps_s": step_s, "fixed_s": fixed, **parts,
             "other_s": fixed - sum(parts.values()), "peak_rss_mb": peak, "peak_pss_mb": pss, "peak_rss_parts_mb": parts_mb}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=12)
     a = ap.parse_args()
     C.model_dir("embedded")  # cached before timing
     env = {k: v for k, v in os.environ.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
@@ -126,7 +128,10 @@ def main() -> None:
 
     try:
         joined("kept", keep)  # leaves the roles loaded for the timed "kept" runs
-        res = C.interleave({"cold": lambda r: one_round(a.steps), "warm": lambda r: joined("warm"),
+        res = C.interleave({"cold": lambda r: one_round(a.steps),
+                            "cold_one": lambda r: one_round(a.steps, extra=("ray.colocate=one",)),
+                            "cold_off": lambda r: one_round(a.steps, extra=("ray.colocate=off",)),
+                            "warm": lambda r: joined("warm"), "warm_split": lambda r: joined("warm", ("ray.colocate=split",)),
                             "kept": lambda r: joined("kept", keep)}, a.rounds)
     finally:
         for port, temp in clusters.values():
@@ -134,12 +139,14 @@ def main() -> None:
     if not all(r["kept_reused"] for r in res["kept"]):  # the arm measures reuse, or nothing
         raise RuntimeError(f"a 'kept' run started fresh actors: {[r['kept_reused'] for r in res['kept']]}")
     keys = ["import_s", "help_s", "ray_init_s", "roles_start_s", "other_s", "fixed_s", "steps_s", "wall_s", "peak_rss_mb",
-            "peak_pss_mb", "cluster_rss_mb", "cluster_pss_mb", "kept_reused"]
+            "peak_pss_mb", "cluster_rss_mb", "cluster_pss_mb", "kept_reused", "processes"]
     print(C.table([{"": k, **{f"{arm} median": C.median([r.get(k, float("nan")) for r in res[arm]]) for arm in res},
                     **{f"{arm} range": f"{min(r.get(k, float('nan')) for r in res[arm]):.3g}-"
                                        f"{max(r.get(k, float('nan')) for r in res[arm]):.3g}" for arm in res}} for k in keys]))
-    print("fixed cost, kept / warm per round: " + ", ".join(
-        f"{k['fixed_s'] / w['fixed_s']:.2f}" for k, w in zip(res["kept"], res["warm"])))
+    for arm, base, key in (("kept", "warm", "fixed_s"), ("cold", "cold_off", "fixed_s"), ("cold_one", "cold_off", "fixed_s"),
+                           ("cold", "cold_off", "steps_s"), ("cold_one", "cold_off", "steps_s"),
+                           ("cold", "cold_off", "peak_pss_mb"), ("cold_one", "cold_off", "peak_pss_mb")):
+        print(f"{key}, {arm} / {base} per round: " + ", ".join(f"{x[key] / y[key]:.2f}" for x, y in zip(res[arm], res[base])))
     for arm in res:
         print(f"{arm}: peak RSS by role, MB (first round): " + ", ".join(
             f"{role} {mb:.0f}" for role, mb in res[arm][0]["peak_rss_parts_mb"].items()))

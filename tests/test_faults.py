@@ -95,11 +95,20 @@ def test_collect_recovers_dead_generator_stale_weights_and_dead_scorer(ray_clust
         scorers.shutdown()
 
 
-@pytest.mark.parametrize("overlap", [0, 1])
-def test_training_survives_a_killed_generator_and_a_killed_learner(ray_cluster, tiny_model_path, tmp_path, overlap):
-    """Also with rollout.overlap=1: the killed generator may hold the next step's prefetched rows, and the
-    restarted learner group drops the rows sampled by the dead group's weights."""
-    cfg = load_config(None, overrides(tiny_model_path, tmp_path, **{"run.steps": 7, "rollout.overlap": overlap}))
+# (ray.colocate, rollout.overlap, process killed at step 2, process killed at step 4)
+KILLS = {"separate": ("off", 0, "GeneratorActor", "LearnerActor"),
+         "colocated": ("split", 1, "SamplingHost", "LearningHost")}
+
+
+@pytest.mark.parametrize("case", list(KILLS))
+def test_training_survives_a_killed_generator_and_a_killed_learner(ray_cluster, tiny_model_path, tmp_path, case):
+    """One process per role: a generator, then a learner dies. Co-located (aapo_ray/colocation.py): the process
+    of the policy and the scorers dies, then that of the learner and the reference; each is replaced. With
+    rollout.overlap=1 the killed generator may hold the next step's prefetched rows, and the restarted learner
+    group drops the rows sampled by the dead group's weights."""
+    colocate, overlap, first, second = KILLS[case]
+    cfg = load_config(None, overrides(tiny_model_path, tmp_path, **{"run.steps": 7, "rollout.overlap": overlap,
+                                                                     "ray.colocate": colocate}))
     run_dir = tmp_path / "run"
     errors = []
     thread = threading.Thread(target=lambda: _guard(errors, train, cfg, run_dir=run_dir, progress=False))
@@ -109,13 +118,13 @@ def test_training_survives_a_killed_generator_and_a_killed_learner(ray_cluster, 
     while thread.is_alive() and time.time() < deadline:
         logged = steps_of(run_dir) if (run_dir / "metrics.jsonl").exists() else []
         if "generator" not in killed and logged and max(logged) >= 2:
-            victims = ray_children("GeneratorActor")
-            assert victims, "no policy generator process found"
+            victims = ray_children(first)
+            assert victims, f"no {first} process found"
             victims[0].kill()
             killed["generator"] = max(logged)
         if "learner" not in killed and logged and max(logged) >= 4:
-            victims = ray_children("LearnerActor")
-            assert victims, "no learner process found"
+            victims = ray_children(second)
+            assert victims, f"no {second} process found"
             victims[0].kill()
             killed["learner"] = max(logged)
         time.sleep(0.05)

@@ -115,14 +115,14 @@ def test_an_actor_whose_run_died_is_free_again(ray_cluster, tmp_path):
     code = ("import os, ray\nfrom aapo_ray.config import load_config\nfrom aapo_ray.kept_roles import KeptRoles\n"
             "from aapo_ray.scorer import ScorerPool\n"
             f"ray.init(address={ray.get_runtime_context().gcs_address!r}, namespace='aapo-tests')\n"
-            f"ScorerPool(load_config(None, {cfg_args!r}), kept=KeptRoles())\n"
+            f"ScorerPool(load_config(None, {cfg_args!r}), source=KeptRoles())\n"
             "os._exit(0)  # no hand-back\n")
     try:
         subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=300)
         assert len(kept_names()) == 1
         time.sleep(8)  # Ray notices a driver that vanished within ~5 s (until then its actors count as taken)
         kept = KeptRoles()
-        ScorerPool(load_config(None, cfg_args), kept=kept)
+        ScorerPool(load_config(None, cfg_args), source=kept)
         assert kept.reused == 1 and len(kept_names()) == 1  # taken over, not a second actor
     finally:
         kill_kept()
