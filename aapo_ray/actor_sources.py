@@ -5,8 +5,9 @@ the learner group ask their *source* for actors and hand them back to it, whiche
 - :class:`aapo_ray.kept_roles.KeptRoles`: actors that earlier runs kept loaded (``ray.keep_roles``);
 - :class:`aapo_ray.colocation.CoLocated`: every role in one shared process (``ray.colocate``).
 
-A source has ``start(actor_class, options, args, role)`` (stands in for
-``ray.remote(actor_class).options(**options).remote(*args)``), ``ensure(handle, args, timeout_s)`` (after a
+A source has ``start(actor_class, options, args, role, index)`` (stands in for
+``ray.remote(actor_class).options(**options).remote(*args)``; ``index``: which of the role's actors, e.g.
+the replica or the rank), ``ensure(handle, args, timeout_s)`` (after a
 fault: re-initialise a handle Ray restarted with another run's arguments; returns whether it had to),
 ``release(handles)`` (the run is done with them), ``forget(handles)`` (they failed: never reuse) and
 ``reused`` (how many actors it did not have to start).
@@ -22,7 +23,7 @@ class FreshActors:
 
     reused = 0
 
-    def start(self, actor_class: type, options: dict, args: tuple, role: str):  # noqa: ARG002 - the protocol's
+    def start(self, actor_class: type, options: dict, args: tuple, role: str, index: int = 0):  # noqa: ARG002
         return ray.remote(actor_class).options(**options).remote(*args)
 
     def ensure(self, handle, args: tuple, timeout_s: float = 300.0) -> bool:  # noqa: ARG002

@@ -6,7 +6,8 @@ Seeds: :meth:`BackendSampler.sample` draws sample ``j`` of a prompt with its own
 ``row_seeds(prompt's seed, k)[j]``, and samples all the prompts of a batch (with the same budget) in one
 engine call: on hf (one ``torch.Generator`` per row) a sample depends neither on how Ray batches the
 prompts nor on the number of actors; SGLang honours the per-row seeds in its deterministic mode.
-:meth:`BackendSampler.sample_together` instead draws one call's rows as a training generator does (:func:`aapo_ray.backends.sample_rows`).
+:meth:`BackendSampler.sample_together` instead draws one call's rows as a training generator does
+(:func:`aapo_ray.backends.sample_rows`).
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ class BackendSampler:
     def sample_together(self, prompt_ids: list[list[int]], max_new_tokens: int, seed: int) -> list[Completions]:
         """``k`` completions of each prompt from one generate call seeded with ``seed`` (rows ordered
         prompt by prompt, as :meth:`aapo_ray.generator.GeneratorActor.generate` orders a chunk's)."""
-        done = sample_rows(self.backend, [p for p in prompt_ids for _ in range(self.k)], self.params(max_new_tokens, seed))
+        rows = [p for p in prompt_ids for _ in range(self.k)]
+        done = sample_rows(self.backend, rows, self.params(max_new_tokens, seed))
         return self._per_prompt(done, len(prompt_ids))
 
     def _per_prompt(self, done: Completions, prompts: int) -> list[Completions]:

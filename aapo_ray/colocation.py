@@ -173,35 +173,25 @@ class CoLocated:
         self.hosts = [self._new_host(i) for i in range(len(self.specs))]
         self.live: set[str] = set()  # roles started and not released
         self.ever: set[str] = set()  # roles ever started (a second start replaces one after a failure)
-        self._scorers = 0
 
     def _new_host(self, index: int):
         host_class, slots, cpus = self.specs[index]
         return ray.remote(concurrency_groups={s: 1 for s in slots})(host_class).options(
             num_cpus=cpus, max_restarts=0, max_task_retries=0).remote()
 
-    def start(self, actor_class: type, options: dict, args: tuple, role: str) -> HostedRole:  # noqa: ARG002
-        """``actor_class(*args)`` as an instance of ``role``; replacing one (after a failure) first makes sure
-        its process is alive, and starts a new process if it died."""
-        index = self.process_of[role]
-        key = f"{role}/{self._slot(role, args)}"
-        if key not in self.specs[index][1]:
-            raise ValueError(f"a co-located run has no slot {key} (slots: {self.specs[index][1]})")
+    def start(self, actor_class: type, options: dict, args: tuple, role: str,  # noqa: ARG002 - see CoLocated
+              index: int = 0) -> HostedRole:
+        """``actor_class(*args)`` as ``role``'s ``index``-th instance (replica, rank, scorer); replacing one (after
+        a failure) first makes sure its process is alive, and starts a new process if it died."""
+        host, key = self.process_of[role], f"{role}/{index}"
+        if key not in self.specs[host][1]:
+            raise ValueError(f"a co-located run has no slot {key} (slots: {self.specs[host][1]})")
         if key in self.ever:
-            self._revive(index)
+            self._revive(host)
         self.ever.add(key)
         self.live.add(key)
-        self.hosts[index].add.options(concurrency_group=key).remote(key, actor_class, args)
-        return HostedRole(self.hosts[index], key)
-
-    def _slot(self, role: str, args: tuple) -> int:
-        if role in ("policy", "reference"):
-            return args[3]  # GeneratorActor(cfg, model_path, role, replica)
-        if role == "learner":
-            return args[2]  # LearnerActor(cfg, model_path, rank, world_size)
-        slots = sum(1 for k in self.specs[self.process_of[role]][1] if k.startswith(role + "/"))
-        self._scorers += 1
-        return (self._scorers - 1) % slots  # scorers start (and are replaced) in pool order
+        self.hosts[host].add.options(concurrency_group=key).remote(key, actor_class, args)
+        return HostedRole(self.hosts[host], key)
 
     def _revive(self, index: int) -> None:
         try:

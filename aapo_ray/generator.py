@@ -138,7 +138,7 @@ class GeneratorPool:
         options = dict(num_cpus=roll.cpus_per_replica, num_gpus=roll.gpus_per_replica, resources=resources or None,
                        max_restarts=3, max_task_retries=0)
         return self.source.start(self.actor_class, options, (self.cfg, self.model_path, self.role, replica),
-                                 role=self.role)
+                                 role=self.role, index=replica)
 
     def sampling(self, seed: int, *, temperature: float | None = None, top_p: float | None = None) -> SamplingParams:
         roll = self.cfg.rollout

@@ -95,9 +95,10 @@ class KeptRoles:
         self.reused = 0
         self._kill_stale()
 
-    def start(self, actor_class: type, options: dict, args: tuple, role: str):
+    def start(self, actor_class: type, options: dict, args: tuple, role: str, index: int = 0):  # noqa: ARG002
         """A handle on a claimed actor of ``actor_class`` initialised with ``args`` (the reuse's
-        re-initialisation is queued, so the call does not wait for a model to load)."""
+        re-initialisation is queued, so the call does not wait for a model to load). Any free kept actor of
+        the role serves, whatever ``index``."""
         shape = _shape(self.code, actor_class, options)
         for slot in itertools.count():
             name = f"{PREFIX}/{role}/{self.code}/{shape}/{slot}"

@@ -337,8 +337,8 @@ class LearnerGroup:
         self.source = source if source and self.world_size == 1 else FreshActors()
         options = dict(num_cpus=lc.cpus_per_learner, num_gpus=lc.gpus_per_learner,
                        resources=cfg.ray.role_resources.get("learner") or None, max_restarts=0, max_task_retries=0)
-        self.actors = [self.source.start(LearnerActor, options, (cfg, model_path, r, self.world_size), role="learner")
-                       for r in range(self.world_size)]
+        self.actors = [self.source.start(LearnerActor, options, (cfg, model_path, r, self.world_size), role="learner",
+                                         index=r) for r in range(self.world_size)]
         try:  # all processes up first, so that the rendezvous does not wait on a slow start
             placement = self._gather("start", [a.placement.remote() for a in self.actors])
             shared = isinstance(self.source, CoLocated)  # other roles' threads share its math libraries' pools

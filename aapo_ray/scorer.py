@@ -58,7 +58,7 @@ class ScorerPool:
     def __init__(self, cfg: Config, *, wait: bool = True, source=None):
         """``source``: where the actors come from (default: fresh processes; :mod:`aapo_ray.actor_sources`)."""
         self.cfg, self.source = cfg, source or FreshActors()
-        self.actors = [self._new_actor() for _ in range(cfg.reward.num_scorers)]
+        self.actors = [self._new_actor(i) for i in range(cfg.reward.num_scorers)]
         self._next = itertools.cycle(range(len(self.actors)))
         if wait:
             self.wait_ready()
@@ -67,10 +67,10 @@ class ScorerPool:
         """Block until every scorer actor has started."""
         ray.get([a.ready.remote() for a in self.actors])
 
-    def _new_actor(self):
+    def _new_actor(self, index: int):
         resources = self.cfg.ray.role_resources.get("scorer", {})
         options = dict(num_cpus=self.cfg.reward.cpus_per_scorer, resources=resources or None, max_restarts=3)
-        return self.source.start(RewardScorer, options, (self.cfg,), role="scorer")
+        return self.source.start(RewardScorer, options, (self.cfg,), role="scorer", index=index)
 
     def async_score(self, batch_refs: list[ray.ObjectRef]) -> list[tuple[ray.ObjectRef, ray.ObjectRef]]:
         """One (scored batch ref, counters ref) per input ref, in order."""
@@ -83,7 +83,7 @@ class ScorerPool:
                 ray.get(actor.ready.remote(), timeout=timeout_s)
                 self.source.ensure(actor, (self.cfg,), timeout_s)  # restarted with another run's config?
             except ray.exceptions.RayActorError:
-                self.actors[i] = self._new_actor()
+                self.actors[i] = self._new_actor(i)
 
     def shutdown(self) -> None:
         """Hand the scorers back to their source (fresh ones are killed)."""

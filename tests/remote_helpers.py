@@ -10,7 +10,7 @@ def text_hash_reward(completion: str, gold: str) -> float:  # noqa: ARG001 - the
 class Echo:
     """A role class for co-location tests: echoes with a prefix, returns pairs, raises on demand."""
 
-    def __init__(self, prefix: str, *_):
+    def __init__(self, prefix: str):
         if prefix == "boom":
             raise ValueError("boom at start")
         self.prefix = prefix

@@ -37,9 +37,9 @@ def test_hosted_roles_behave_like_actor_handles(ray_cluster, tiny_model_path, tm
     cfg = config(tiny_model_path, tmp_path, **{"ray.colocate": "split"})
     source = CoLocated(cfg, "split", reference=True)
     try:
-        policy = source.start(Echo, {}, ("p:", None, "policy", 0), role="policy")
-        scorer = source.start(Echo, {}, ("s:",), role="scorer")
-        learner = source.start(Echo, {}, ("l:", None, 0, 1), role="learner")
+        policy = source.start(Echo, {}, ("p:",), role="policy", index=0)
+        scorer = source.start(Echo, {}, ("s:",), role="scorer", index=0)
+        learner = source.start(Echo, {}, ("l:",), role="learner", index=0)
         assert scorer.host != learner.host  # split: scorers beside the policy, the learner beside the reference
         text, n = scorer.pair.options(num_returns=2).remote(ray.put("abc"))  # a top-level ref is resolved
         assert ray.get([text, n]) == ["s:abc", 3]
@@ -53,9 +53,11 @@ def test_hosted_roles_behave_like_actor_handles(ray_cluster, tiny_model_path, tm
         ray.kill(source.hosts[1])  # the learner's process dies: a new learner gets a new process
         with pytest.raises(ray.exceptions.RayActorError):
             ray.get(learner.ready.remote())
-        learner = source.start(Echo, {}, ("L:", None, 0, 1), role="learner")
+        learner = source.start(Echo, {}, ("L:",), role="learner")
         assert ray.get(learner.ready.remote()) == "L:"
         broken = source.start(Echo, {}, ("boom",), role="scorer")  # a role whose __init__ raises
+        with pytest.raises(ValueError, match="no slot policy/1"):  # one policy replica configured
+            source.start(Echo, {}, ("p1:",), role="policy", index=1)
         with pytest.raises(ray.exceptions.RayTaskError, match="boom at start") as err:
             ray.get(broken.ready.remote())  # its own error, as an actor's failed start would give
         assert isinstance(err.value.cause, ValueError)
