@@ -3,7 +3,7 @@ the learner group ask their *source* for actors and hand them back to it, whiche
 
 - :class:`FreshActors` (this module): a new Ray actor process per role, killed at the end;
 - :class:`aapo_ray.kept_roles.KeptRoles`: actors that earlier runs kept loaded (``ray.keep_roles``);
-- :class:`aapo_ray.colocation.CoLocated`: every role in one shared process (``ray.colocate``).
+- :class:`aapo_ray.colocation.CoLocated`: roles in shared processes (``ray.colocate``).
 
 A source has ``start(actor_class, options, args, role, index)`` (stands in for
 ``ray.remote(actor_class).options(**options).remote(*args)``; ``index``: which of the role's actors, e.g.

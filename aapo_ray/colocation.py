@@ -7,7 +7,7 @@ time go to different processes, so that they still use two cores between them: w
 generators and the reward scorers share a :class:`SamplingHost`, the learner and the reference generators a
 :class:`LearningHost` (the policy samples while the reference does, and, with ``rollout.overlap``, while
 the learner trains). ``one`` puts all of them in one :class:`RoleHost`: least memory, but roles then take
-turns at one interpreter lock, which costs a model as small as the embedded default ~1.5x per step.
+turns at one interpreter lock, which costs a model as small as the embedded default ~10-15% per step.
 
 The roles keep their Ray interface: :class:`CoLocated` is an actor source (:mod:`aapo_ray.actor_sources`)
 whose handles (:class:`HostedRole`) take ``handle.method.remote(...)`` and ``.options(num_returns=...)``
@@ -146,10 +146,11 @@ def check_colocate(cfg: Config) -> None:
 
 
 def role_cpus(cfg: Config, reference: bool) -> dict[str, float]:
-    """CPUs each role holds in all (what its process asks Ray for when co-located)."""
-    roll, rew = cfg.rollout, cfg.reward
+    """CPUs each role's actors hold in all (``reference``: whether the run samples an online reference); a
+    co-located process asks Ray for those of its roles."""
+    roll, rew, learn = cfg.rollout, cfg.reward, cfg.learner
     return {"policy": roll.policy_replicas * roll.cpus_per_replica, "scorer": rew.num_scorers * rew.cpus_per_scorer,
-            "learner": cfg.learner.cpus_per_learner,
+            "learner": learn.num_learners * learn.cpus_per_learner,
             "reference": roll.reference_replicas * roll.cpus_per_replica if reference else 0.0}
 
 

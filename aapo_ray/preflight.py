@@ -14,7 +14,7 @@ import ray
 from transformers import AutoTokenizer
 
 from aapo_ray.algo import get_estimator
-from aapo_ray.colocation import check_colocate
+from aapo_ray.colocation import check_colocate, role_cpus
 from aapo_ray.config import EMBEDDED_MODEL, Config, ConfigError, load_config
 from aapo_ray.data import load_prompt_dataset, render_prompts
 from aapo_ray.embedded import default_model_path, model_identity
@@ -101,9 +101,9 @@ def load_prompts(cfg: Config, model_path: str) -> tuple[pa.RecordBatch, pa.Recor
 
 def run_resources(cfg: Config) -> dict[str, float]:
     """Ray resources (CPU, GPU) that the run's actors hold together: generators, scorers, learners."""
-    r, roll, learn = cfg.reward, cfg.rollout, cfg.learner
+    roll, learn = cfg.rollout, cfg.learner
     replicas = roll.policy_replicas + (roll.reference_replicas if online_reference(cfg) else 0)
-    return {"CPU": replicas * roll.cpus_per_replica + r.num_scorers * r.cpus_per_scorer + learn.num_learners * learn.cpus_per_learner,
+    return {"CPU": sum(role_cpus(cfg, online_reference(cfg)).values()),
             "GPU": replicas * roll.gpus_per_replica + learn.num_learners * learn.gpus_per_learner}
 
 
