@@ -101,9 +101,9 @@ def load_prompts(cfg: Config, model_path: str) -> tuple[pa.RecordBatch, pa.Recor
 
 def run_resources(cfg: Config) -> dict[str, float]:
     """Ray resources (CPU, GPU) that the run's actors hold together: generators, scorers, learners."""
-    roll, learn = cfg.rollout, cfg.learner
-    replicas = roll.policy_replicas + (roll.reference_replicas if online_reference(cfg) else 0)
-    return {"CPU": sum(role_cpus(cfg, online_reference(cfg)).values()),
+    roll, learn, reference = cfg.rollout, cfg.learner, online_reference(cfg)
+    replicas = roll.policy_replicas + (roll.reference_replicas if reference else 0)
+    return {"CPU": sum(role_cpus(cfg, reference).values()),
             "GPU": replicas * roll.gpus_per_replica + learn.num_learners * learn.gpus_per_learner}
 
 
