@@ -7,6 +7,10 @@ from contextlib import contextmanager
 import pytest
 
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/aapo_ray/torch_extensions"))
+# Serve's controller kills a proxy that misses 3 health checks of 10 s; a 2-core machine running the
+# suite on both cores has missed them (the proxy killed mid-test). Ray's workers inherit this from
+# the process that starts the cluster, so it is set before any test starts one.
+os.environ.setdefault("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", "60")
 
 
 @pytest.fixture(scope="session")

@@ -52,6 +52,9 @@ def test_generator_pool_spreads_groups_and_is_seeded(ray_cluster, cfg, tiny_mode
 
 
 def test_scorer_pool_scores_and_counts(ray_cluster, cfg):
+    # the 200k-digit answer parses in ~1 s on an idle core; under a loaded suite it has been seen
+    # to pass the default 5 s deadline (a timeout, not a score). Deadlines are tested in test_reward.
+    cfg = cfg.model_copy(update={"reward": cfg.reward.model_copy(update={"timeout_s": 60.0})})
     completions = ["1+2=3, 3+3=6, 6+4=10. \\boxed{10}", "\\boxed{8}", "no answer", "\\boxed{" + "9" * 200_000 + "}"]
     b = make_rollout_batch(prompt_ids=[[1]] * 4, completion_ids=[[2]] * 4, prompt_id=[0] * 4, group_index=[0] * 4,
                            sample_index=range(4), prompt=["q"] * 4, completion=completions,
