@@ -30,8 +30,11 @@ def tiny_model_path(tmp_path_factory):
     """The embedded model's recipe with a 40-step warm start: a real tokenizer + Llama, built in seconds."""
     from aapo_ray.embedded import default_model_path
 
-    return default_model_path(tmp_path_factory.mktemp("models"), progress=False,
-                              recipe={"sft": {"steps": 40}, "eval": {"n": 8}})
+    # built once for the whole run: under pytest-xdist every worker's basetemp sits in one shared directory,
+    # and default_model_path builds under a file lock, so the second worker waits and reuses the first's build
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    return default_model_path(shared / "models", progress=False, recipe={"sft": {"steps": 40}, "eval": {"n": 8}})
 
 
 @pytest.fixture(scope="session")
