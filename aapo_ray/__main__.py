@@ -1,5 +1,3 @@
-import sys
+from aapo_ray.cli import run
 
-from aapo_ray.cli import main
-
-sys.exit(main())
+run()

@@ -4,13 +4,15 @@ Ray cluster each time, the embedded model already cached), and the peak RSS of i
 Per round: ``python -c "import aapo_ray.train_cli"`` (imports), ``aapo --help``, and ``aapo train`` for
 ``--steps`` steps with no evaluation and no checkpoint, on a cluster of its own with the roles in two processes
 (``cold``: the default, ``ray.colocate`` split), in one process (``cold_one``) and in a process each
-(``cold_off``: before co-location); joining a local cluster kept warm with ``ray start --head`` (``warm``:
+(``cold_off``: before co-location), and the default again through the old exit (``cold_full_exit``:
+``sys.exit(main())``, the interpreter's full teardown, as before ``aapo_ray.cli.run``); joining a local cluster kept warm with ``ray start --head`` (``warm``:
 ``--address``, a process per role; ``warm_split``: two processes), and joining it with ``ray.keep_roles=true``
 (``kept``: the role actors an earlier run left loaded are re-initialised in place; one untimed run first
 leaves them there). From the run's step-0 metrics: ``time/ray_init_s``
 (the local cluster) and ``time/roles_start_s`` (every role up: generators, scorer, DeepSpeed learners,
-started concurrently). Fixed cost = wall - the steps' own time; the rest of it (interpreter, imports,
-config, model and prompt checks, shutdown) is ``other``. Rounds are interleaved with nothing else.
+started concurrently); ``shutdown_s``: from the last metrics row written to the process's exit (final
+checkpoint, roles stopped, plot, Ray's shutdown, the interpreter's exit). Fixed cost = wall - the steps' own
+time; the rest of it (interpreter, imports, config, model and prompt checks) is ``other``. Rounds are interleaved with nothing else.
 
 Usage: python benchmarks/startup.py [--rounds 3] [--steps 12]
 """
@@ -30,6 +32,8 @@ from pathlib import Path
 import _common as C
 
 AAPO = str(Path(sys.executable).with_name("aapo"))
+# `aapo` as it was before its console script skipped the interpreter's teardown (aapo_ray.cli.run)
+FULL_EXIT = (sys.executable, "-c", "import sys; from aapo_ray.cli import main; sys.exit(main())")
 
 
 def free_port() -> int:
@@ -87,20 +91,24 @@ def cluster_memory(temp_dir: Path, port: int) -> dict:
     return {"cluster_rss_mb": rss, "cluster_pss_mb": pss}
 
 
-def one_round(steps: int, address: str | None = None, env: dict | None = None, extra: tuple = ()) -> dict:
+def one_round(steps: int, address: str | None = None, env: dict | None = None, extra: tuple = (),
+              command: tuple = (AAPO,)) -> dict:
     from aapo_ray.metrics import read_metrics
 
     imports, *_ = timed([sys.executable, "-c", "import aapo_ray.train_cli"])
     help_s, *_ = timed([AAPO, "--help"])
     join = ["--address", address] if address else []
     with tempfile.TemporaryDirectory(prefix="aapo-startup-") as tmp:
-        wall, peak, parts_mb, pss = timed([AAPO, "train", *join, "--run-dir", f"{tmp}/run", "--no-progress", f"run.steps={steps}",
-                            "run.eval_every=0", "run.save_every=0", "data.eval=null", *extra], env=env)
+        wall, peak, parts_mb, pss = timed([*command, "train", *join, "--run-dir", f"{tmp}/run", "--no-progress",
+                                           f"run.steps={steps}", "run.eval_every=0", "run.save_every=0", "data.eval=null",
+                                           *extra], env=env)
+        # from the last metrics row written to the process's exit (+ up to the RSS sampler's 0.2 s)
+        shutdown = time.time() - (Path(tmp) / "run" / "metrics.jsonl").stat().st_mtime
         rows = read_metrics(Path(tmp) / "run")
     first = next(r for r in rows if r["step"] == 0)
     step_s = sum(r["time/step_s"] for r in rows if r["step"] > 0)
     fixed = wall - step_s
-    parts = {"ray_init_s": first["time/ray_init_s"], "roles_start_s": first["time/roles_start_s"]}
+    parts = {"ray_init_s": first["time/ray_init_s"], "roles_start_s": first["time/roles_start_s"], "shutdown_s": shutdown}
     return {"kept_reused": first.get("roles/kept_reused", 0), "processes": first["roles/processes"], "import_s": imports, "help_s": help_s, "wall_s": wall, "steps_s": step_s, "fixed_s": fixed, **parts,
             "other_s": fixed - sum(parts.values()), "peak_rss_mb": peak, "peak_pss_mb": pss, "peak_rss_parts_mb": parts_mb}
 
@@ -131,6 +139,7 @@ def main() -> None:
         res = C.interleave({"cold": lambda r: one_round(a.steps),
                             "cold_one": lambda r: one_round(a.steps, extra=("ray.colocate=one",)),
                             "cold_off": lambda r: one_round(a.steps, extra=("ray.colocate=off",)),
+                            "cold_full_exit": lambda r: one_round(a.steps, command=FULL_EXIT),
                             "warm": lambda r: joined("warm"), "warm_split": lambda r: joined("warm", ("ray.colocate=split",)),
                             "kept": lambda r: joined("kept", keep)}, a.rounds)
     finally:
@@ -138,12 +147,13 @@ def main() -> None:
             stop_cluster(temp, port)
     if not all(r["kept_reused"] for r in res["kept"]):  # the arm measures reuse, or nothing
         raise RuntimeError(f"a 'kept' run started fresh actors: {[r['kept_reused'] for r in res['kept']]}")
-    keys = ["import_s", "help_s", "ray_init_s", "roles_start_s", "other_s", "fixed_s", "steps_s", "wall_s", "peak_rss_mb",
+    keys = ["import_s", "help_s", "ray_init_s", "roles_start_s", "shutdown_s", "other_s", "fixed_s", "steps_s", "wall_s", "peak_rss_mb",
             "peak_pss_mb", "cluster_rss_mb", "cluster_pss_mb", "kept_reused", "processes"]
     print(C.table([{"": k, **{f"{arm} median": C.median([r.get(k, float("nan")) for r in res[arm]]) for arm in res},
                     **{f"{arm} range": f"{min(r.get(k, float('nan')) for r in res[arm]):.3g}-"
                                        f"{max(r.get(k, float('nan')) for r in res[arm]):.3g}" for arm in res}} for k in keys]))
-    for arm, base, key in (("kept", "warm", "fixed_s"), ("cold", "cold_off", "fixed_s"), ("cold_one", "cold_off", "fixed_s"),
+    for arm, base, key in (("kept", "warm", "fixed_s"), ("cold", "cold_full_exit", "shutdown_s"),
+                           ("cold", "cold_full_exit", "fixed_s"), ("cold", "cold_off", "fixed_s"), ("cold_one", "cold_off", "fixed_s"),
                            ("cold", "cold_off", "steps_s"), ("cold_one", "cold_off", "steps_s"),
                            ("cold", "cold_off", "peak_pss_mb"), ("cold_one", "cold_off", "peak_pss_mb")):
         print(f"{key}, {arm} / {base} per round: " + ", ".join(f"{x[key] / y[key]:.2f}" for x, y in zip(res[arm], res[base])))

@@ -2,6 +2,7 @@
 module past 500 lines, and function-level imports only of heavy third-party libraries, each with a reason."""
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -132,3 +133,27 @@ def test_the_cli_imports_only_the_command_it_runs():
     assert not {"aapo_ray.continuous_batching", "torch._dynamo", "transformers.models.llama.modeling_llama"} & train
     serve = _modules_after(["serve", "some/run"])
     assert "aapo_ray.serve" in serve and "aapo_ray.driver" not in serve
+
+
+
+_RUN_WITH = """
+import aapo_ray.cli as cli
+
+def fake_main():
+    print("status", 7, end="")  # no newline: still in the buffer of a piped stdout
+    return 7
+
+cli.main = fake_main
+cli.run()
+print("after run")  # never reached: run() ends the process
+"""
+
+
+def test_the_console_script_exits_with_mains_status_and_its_output_flushed():
+    """``run`` (the ``aapo`` script) ends the process without the interpreter's teardown: the exit status and
+    the output still buffered must survive that. (Ray's shutdown there is covered by the Ctrl-C case of
+    tests/test_driver_faults.py, which checks that no process of the run is left.)"""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # a buffered stdout, as in a pipe
+    proc = subprocess.run([sys.executable, "-c", _RUN_WITH], capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 7, proc.stderr[-2000:]
+    assert proc.stdout == "status 7"
