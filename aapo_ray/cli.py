@@ -10,6 +10,7 @@ import importlib
 import logging
 import os
 import sys
+from typing import NoReturn
 
 from aapo_ray.commands import COMMANDS
 from aapo_ray.config import ConfigError
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def run() -> None:
+def run() -> NoReturn:
     """The ``aapo`` console script (and ``python -m aapo_ray``): :func:`main`, then an exit that skips the
     interpreter's teardown. A finished run has closed its logs, checkpoints and actors; what is left is
     Ray's local cluster, shut down here as its exit hook would, and the finalisation of torch and the other
