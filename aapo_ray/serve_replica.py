@@ -82,6 +82,28 @@ from aapo_ray.serve_logprobs import LogprobRequest, choice, logprob_request, pro
 log = logging.getLogger(__name__)
 
 
+class CancelledReadIsDisconnect:
+    """ASGI middleware: a read that Serve's proxy cancelled (a client hung up; Ray 2.60 raises ``TaskCancelledError``
+    from ``receive``) is ``http.disconnect`` from then on, not an internal error out of a streaming response."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        gone = False
+
+        async def guarded_receive():
+            nonlocal gone
+            try:
+                if not gone:
+                    return await receive()
+            except ray.exceptions.TaskCancelledError:
+                gone = True
+            return {"type": "http.disconnect"}
+
+        await self.app(scope, guarded_receive if scope["type"] == "http" else receive, send)
+
+
 class ServeOptions(BaseModel):
     """Replica options (strings coerced, for ``serve run ... key=value`` and RayService ``args``); each is
     also an ``aapo serve`` flag (``--max-batch-size``, ...), described by its ``description``."""
@@ -433,6 +455,7 @@ class OpenAIServer:
     def __serve_build_asgi_app__(self):
         """The FastAPI app, built in the replica (routes close over this replica)."""
         app = FastAPI(title="aapo-ray OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url=None)
+        app.add_middleware(CancelledReadIsDisconnect)
 
         @app.exception_handler(APIError)
         async def api_error(_request, exc: APIError):

@@ -214,6 +214,58 @@ def test_api_key(server):
     assert requests.post(url, json=body, headers=AUTH, timeout=30).status_code == 200
 
 
+def _replica_errors() -> int:
+    """Internal errors and cancellations logged so far by this test session's Ray workers (replicas included)."""
+    import ray
+
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path())
+    text = "".join(p.read_text(errors="replace") for p in logs.glob("worker-*.err"))
+    return text.count("internal error") + text.count("TaskCancelledError")
+
+
+def test_clients_hanging_up_mid_stream_log_no_errors(server, questions):
+    """A client that hangs up mid-stream (a stop button, Ctrl-C) makes Serve's proxy cancel its read of that
+    client; the replica must not log that as an internal error with a traceback (before the fix it did for
+    about a third of such clients)."""
+    before = _replica_errors()
+    for i in range(20):
+        body = json.dumps({"model": NAME, "prompt": questions[i % 3] + "\n", "max_tokens": 64, "temperature": 0,
+                           "stream": True}).encode()
+        s, data = _sock(server), b""
+        s.sendall(_head("/v1/completions", len(body)) + body)
+        while b"data: {" not in data:  # the first chunk, then hang up
+            part = s.recv(65536)
+            assert part, data
+            data += part
+        s.close()
+        assert data.startswith(b"HTTP/1.1 200")
+    time.sleep(1.0)  # the replica writes its stderr file itself: give a late traceback time to land
+    assert _replica_errors() == before
+
+
+def test_proxy_cancelled_read_is_a_lasting_disconnect():
+    import asyncio
+
+    import ray
+
+    from aapo_ray.serve_replica import CancelledReadIsDisconnect
+
+    reads, seen = [], []
+
+    async def receive():
+        reads.append(1)
+        if len(reads) == 1:
+            return {"type": "http.request", "body": b"{}", "more_body": False}
+        raise ray.exceptions.TaskCancelledError()
+
+    async def app(scope, receive, send):
+        seen.extend([await receive() for _ in range(3)])
+
+    asyncio.run(CancelledReadIsDisconnect(app)({"type": "http"}, receive, None))
+    assert [m["type"] for m in seen] == ["http.request", "http.disconnect", "http.disconnect"]
+    assert len(reads) == 2  # the proxy is not asked again once it let go
+
+
 def test_32_concurrent_streaming_clients(server, questions):
     import openai
 
