@@ -7,8 +7,9 @@ clients. Two Serve apps run side by side, one per batching mode: ``continuous`` 
 row joins transformers' continuous-batching engine as it arrives) and ``grouped`` (``@serve.batch``,
 one ``generate`` per identical sampling params). The baseline is ``HFBackend.generate`` called in
 this process on batches of C of the same prompts (what perfect batching with zero serving overhead
-would give); next to it, the same model's continuous-batching engine alone in this process (rounds of
-C requests submitted at once: ``engine`` in the table, its req/s over bare). Arms run interleaved, round by round (bare, continuous, grouped, rotated each round),
+would give); next to it, the same model's continuous-batching engine alone in this process, under Serve's
+load shape (C closed-loop clients, no HTTP: ``engine`` in the table, its req/s over bare). Serve over bare is
+then engine over bare (the engine's own cost) times Serve over engine (the serving overhead). Arms run interleaved, round by round (bare, continuous, grouped, rotated each round),
 and each ratio (Serve req/s over bare req/s) is taken per round, then the median: absolute times on a
 shared machine drift. Everything uses one torch thread (the replica's default).
 
@@ -55,31 +56,36 @@ def bare(backend, prompts, concurrency, rounds, max_tokens):
     return {"req_s": concurrency * rounds / wall, "p50_s": pct(lat, 50), "p95_s": pct(lat, 95)}
 
 
-def bare_continuous(engine, tokenizer, prompts, concurrency, rounds, max_tokens):
-    """The continuous-batching engine alone, in this process: rounds of C requests submitted at once."""
+def bare_continuous(engine, tokenizer, prompts, concurrency, per_client, max_tokens):
+    """The continuous-batching engine alone, in this process, under Serve's load shape: C closed-loop clients,
+    each submitting its next request the moment its last one finished (no HTTP, no Serve)."""
     import asyncio
 
     from aapo_ray.sampling import SamplingParams
 
     params = SamplingParams(temperature=0, max_new_tokens=max_tokens)
     ids = [tokenizer(p)["input_ids"] for p in prompts]
+    lat = []
 
-    async def one_round(r):
+    async def client(k, n):
         loop = asyncio.get_running_loop()
-        futures = [loop.create_future() for _ in range(concurrency)]
-        t = time.perf_counter()
-        for i, f in enumerate(futures):
-            engine.submit(ids[(r * concurrency + i) % len(ids)], params,
-                          lambda out, f=f: out.is_finished() and not f.done() and f.set_result(out), stream=False)
-        await asyncio.gather(*futures)
-        return time.perf_counter() - t
+        for j in range(n):
+            done = loop.create_future()
+            t = time.perf_counter()
+            engine.submit(ids[(k * n + j) % len(ids)], params,
+                          lambda out, f=done: out.is_finished() and not f.done() and f.set_result(out), stream=False)
+            await done
+            lat.append(time.perf_counter() - t)
 
-    asyncio.run(one_round(0))  # warm-up
-    lat, start = [], time.perf_counter()
-    for r in range(rounds):
-        lat += [asyncio.run(one_round(r))] * concurrency
+    async def clients(n):
+        await asyncio.gather(*(client(k, n) for k in range(concurrency)))
+
+    asyncio.run(clients(1))  # warm-up
+    lat.clear()
+    start = time.perf_counter()
+    asyncio.run(clients(per_client))
     wall = time.perf_counter() - start
-    return {"req_s": concurrency * rounds / wall, "p50_s": pct(lat, 50), "p95_s": pct(lat, 95)}
+    return {"req_s": concurrency * per_client / wall, "p50_s": pct(lat, 50), "p95_s": pct(lat, 95)}
 
 
 def served(url, prompts, concurrency, per_client, max_tokens, stream=False):
@@ -96,13 +102,13 @@ def served(url, prompts, concurrency, per_client, max_tokens, stream=False):
             try:
                 r = session.post(f"{url}/v1/completions", json=body, stream=stream, timeout=300)
                 r.raise_for_status()
-                if stream:  # time to the first chunk with text
-                    for line in r.iter_lines():
+                if stream:  # time to the first chunk with text, then the rest read (one line iterator: a
+                    lines = r.iter_lines()  # second one would drop the first's buffer, and the connection)
+                    for line in lines:
                         if line.startswith(b"data: {") and json.loads(line[6:])["choices"][0]["text"]:
                             lat.append(time.perf_counter() - t)
                             break
-                    for _ in r.iter_lines():
-                        pass
+                    assert [line for line in lines if line][-1] == b"data: [DONE]"
                 else:
                     r.json()
                     lat.append(time.perf_counter() - t)
@@ -122,6 +128,7 @@ def served(url, prompts, concurrency, per_client, max_tokens, stream=False):
 
 
 MODES = ("continuous", "grouped")
+TARGET = 0.8  # Serve's req/s over bare batched generate at 16 clients (issue 17)
 # ~27M parameters (hidden 512, 8 layers), untrained: no EOS, so every request decodes all max_tokens
 LARGER = ('{"model": {"hidden_size": 512, "num_hidden_layers": 8, "num_attention_heads": 8, '
           '"intermediate_size": 1536, "max_position_embeddings": 256}, "sft": {"steps": 0}, "eval": {"n": 8}}')
@@ -150,6 +157,7 @@ def main() -> int:
     from aapo_ray.continuous_batching import continuous_engine
     from aapo_ray.launch import init_ray
     from aapo_ray.checkpoint import resolve_model_dir
+    from aapo_ray.compare import mean_ci
     from aapo_ray.serve import build_app
     from aapo_ray.synthetic import SyntheticTask
 
@@ -186,7 +194,7 @@ def main() -> int:
                     if arm == "bare":
                         res = bare(backend, prompts, c, max(2, total // c), args.max_tokens)
                         res["engine_alone_req_s"] = bare_continuous(engine, backend.tokenizer, prompts, c,
-                                                                    max(2, total // c), args.max_tokens)["req_s"]
+                                                                    per_client, args.max_tokens)["req_s"]
                     else:
                         res = served(urls[arm], prompts, c, per_client, args.max_tokens)
                         res["ttft_p50_s"] = served(urls[arm], prompts, c, max(1, per_client // 2), args.max_tokens,
@@ -207,19 +215,31 @@ def main() -> int:
                 row["ratio_engine_alone"] = statistics.median(run["engine_alone_req_s"] / run["req_s"] for run in runs)
             else:
                 row[f"ratio_{arm}"] = statistics.median(run["req_s"] / b["req_s"] for run, b in zip(runs, arms["bare"]))
+                row[f"ratio_{arm}_over_engine"] = statistics.median(run["req_s"] / b["engine_alone_req_s"]
+                                                                    for run, b in zip(runs, arms["bare"]))
+                row[f"ratio_{arm}_per_round"] = [run["req_s"] / b["req_s"] for run, b in zip(runs, arms["bare"])]
+                row[f"ratio_{arm}_mean_ci95"] = mean_ci(row[f"ratio_{arm}_per_round"])
         rows.append(row)
 
     print(f"\nmodel {model_dir}, max_tokens {args.max_tokens}, greedy, 1 torch thread, {os.cpu_count()} CPUs, "
           f"{rounds} interleaved rounds x {total} requests per arm; medians, ratios per round")
-    print(f"{'conc':>4} | {'bare req/s':>10} {'engine':>7} | {'continuous':>10} {'ratio':>5} {'p50 ms':>7} {'ttft ms':>7} | "
-          f"{'grouped':>8} {'ratio':>5} {'p50 ms':>7} {'ttft ms':>7}")
+    print("ratio: Serve / bare; /eng: Serve / the engine alone (the serving overhead)")
+    print(f"{'conc':>4} | {'bare req/s':>10} {'engine':>7} | {'continuous':>10} {'ratio':>5} {'/eng':>5} {'p50 ms':>7} "
+          f"{'ttft ms':>7} | {'grouped':>8} {'ratio':>5} {'/eng':>5} {'p50 ms':>7} {'ttft ms':>7}")
     for r in rows:
         cells = [f"{r['concurrency']:>4}", f"{r['bare']['req_s']:>10.1f} {r['ratio_engine_alone']:>7.2f}"]
         for mode, width in (("continuous", 10), ("grouped", 8)):
             m = r[mode]
-            cells.append(f"{m['req_s']:>{width}.1f} {r['ratio_' + mode]:>5.2f} {m['p50_s'] * 1e3:>7.0f} "
+            cells.append(f"{m['req_s']:>{width}.1f} {r['ratio_' + mode]:>5.2f} {r[f'ratio_{mode}_over_engine']:>5.2f} "
+                         f"{m['p50_s'] * 1e3:>7.0f} "
                          f"{m['ttft_p50_s'] * 1e3:>7.0f}")
         print(" | ".join(cells))
+    for r in rows:  # the 0.8x target against the noise between rounds
+        for mode in MODES:
+            mean, lo, hi = r[f"ratio_{mode}_mean_ci95"]
+            verdict = ("met" if lo >= TARGET else "missed" if hi < TARGET else "inside the noise") if lo == lo else "n/a"
+            print(f"c={r['concurrency']} {mode} / bare per round {' '.join(f'{x:.2f}' for x in r[f'ratio_{mode}_per_round'])}"
+                  f": mean {mean:.2f}, 95% CI [{lo:.2f}, {hi:.2f}]; the {TARGET}x target: {verdict}")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"model": model_dir, "recipe": args.recipe, "max_tokens": args.max_tokens,
                                "quick": args.quick, "rounds": rounds, "requests_per_arm": total,
