@@ -2,6 +2,7 @@
 
 import os
 import socket
+from collections import Counter
 from contextlib import contextmanager
 
 import pytest
@@ -11,6 +12,46 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/aapo_
 # suite on both cores has missed them (the proxy killed mid-test). Ray's workers inherit this from
 # the process that starts the cluster, so it is set before any test starts one.
 os.environ.setdefault("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", "60")
+
+# Seconds each test file takes on one of 2 workers (2-core VM, 2026-12-03, two full runs, setup and
+# teardown included). `--dist loadfile` hands whole files to the workers in collection order (pyproject
+# turns off xdist's own order, most tests first), so the longest go first and the run does not end on
+# one worker while the other idles (it did: 131 s of 787 on one worker, with the three driver and fault
+# files last). A file missing here would be handed out last: tests/test_architecture.py checks none is.
+# `--file-seconds` prints a run's own figures in this form.
+FILE_SECONDS = {
+    "test_eval.py": 168, "test_learner.py": 165, "test_driver_faults.py": 143, "test_faults.py": 102,
+    "test_driver.py": 98, "test_serve.py": 77, "test_models.py": 71, "test_cluster.py": 69,
+    "test_colocation.py": 65, "test_reference_cache.py": 63, "test_secure_defaults.py": 56,
+    "test_eval_cluster.py": 49, "test_kept_roles.py": 46, "test_serve_logprobs.py": 40, "test_roles.py": 32,
+    "test_sglang_backend.py": 24, "test_reward.py": 17, "test_memory_plan.py": 16, "test_logprobs.py": 13,
+    "test_architecture.py": 12, "test_bad_input.py": 10, "test_sglang_contract.py": 5, "test_algo.py": 4,
+    "test_config.py": 4, "test_serve_continuous.py": 3, "test_compare.py": 1, "test_benchmarks.py": 0,
+    "test_data.py": 0, "test_rollout.py": 0,
+}
+
+
+def pytest_collection_modifyitems(items):
+    """The longest test files first (a stable sort: each file keeps its own order of tests)."""
+    items.sort(key=lambda item: -FILE_SECONDS.get(item.path.name, 0))
+
+
+def pytest_addoption(parser):
+    parser.addoption("--file-seconds", action="store_true",
+                     help="print each test file's seconds (setup, call and teardown) in FILE_SECONDS' form")
+
+
+_file_seconds = Counter()
+
+
+def pytest_runtest_logreport(report):
+    _file_seconds[report.nodeid.split("::")[0].rsplit("/", 1)[-1]] += report.duration
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    if config.getoption("--file-seconds"):
+        terminalreporter.write_line("FILE_SECONDS = {" + ", ".join(
+            f'"{name}": {round(seconds)}' for name, seconds in _file_seconds.most_common()) + "}")
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from aapo_ray.commands import COMMANDS
+from conftest import FILE_SECONDS
 
 PACKAGE = Path(__file__).resolve().parents[1] / "aapo_ray"
 MAX_LINES = 500
@@ -157,3 +158,10 @@ def test_the_console_script_exits_with_mains_status_and_its_output_flushed():
     proc = subprocess.run([sys.executable, "-c", _RUN_WITH], capture_output=True, text=True, timeout=60, env=env)
     assert proc.returncode == 7, proc.stderr[-2000:]
     assert proc.stdout == "status 7"
+
+
+def test_every_test_file_has_a_scheduling_weight():
+    """conftest's FILE_SECONDS orders the files for the workers: a file missing there would run last."""
+    files = {p.name for p in Path(__file__).parent.glob("test_*.py")}
+    assert files - set(FILE_SECONDS) == set(), "add these to FILE_SECONDS in tests/conftest.py"
+    assert set(FILE_SECONDS) - files == set(), "FILE_SECONDS names files that are gone"
