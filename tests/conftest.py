@@ -4,6 +4,7 @@ import os
 import socket
 from collections import Counter
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -16,8 +17,9 @@ os.environ.setdefault("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", "60")
 # Seconds each test file takes on one of 2 workers (2-core VM, 2026-12-03, two full runs, setup and
 # teardown included). `--dist loadfile` hands whole files to the workers in collection order (pyproject
 # turns off xdist's own order, most tests first), so the longest go first and the run does not end on
-# one worker while the other idles (it did: 131 s of 787 on one worker, with the three driver and fault
-# files last). A file missing here would be handed out last: tests/test_architecture.py checks none is.
+# one worker while the other idles (xdist's order put the three driver and fault files last: on these
+# figures ~40 s on one worker alone, and 131 s of 787 in one run). A file missing here would be handed
+# out last: tests/test_architecture.py checks none is.
 # `--file-seconds` prints a run's own figures in this form.
 FILE_SECONDS = {
     "test_eval.py": 168, "test_learner.py": 165, "test_driver_faults.py": 143, "test_faults.py": 102,
@@ -45,7 +47,7 @@ _file_seconds = Counter()
 
 
 def pytest_runtest_logreport(report):
-    _file_seconds[report.nodeid.split("::")[0].rsplit("/", 1)[-1]] += report.duration
+    _file_seconds[Path(report.fspath).name] += report.duration
 
 
 def pytest_terminal_summary(terminalreporter, config):
