@@ -18,6 +18,10 @@ ACTOR_ENV = {
     "PYTHONWARNINGS": "ignore::FutureWarning,ignore::UserWarning",
 }
 
+# True: a local cluster's workers get ACTOR_ENV from a job runtime_env as on a joined cluster (how every run did
+# before; benchmarks/startup.py's cold_runtime_env arm sets it to compare)
+WORKER_ENV_AS_RUNTIME_ENV = False
+
 
 def init_ray(address: str | None = None, *, num_cpus: int | None = None, namespace: str = "aapo",
              torch_threads: int = 1) -> None:
@@ -30,13 +34,32 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, namespa
     env = dict(ACTOR_ENV, OMP_NUM_THREADS=str(torch_threads), MKL_NUM_THREADS=str(torch_threads))
     if "TORCH_EXTENSIONS_DIR" in os.environ:
         env["TORCH_EXTENSIONS_DIR"] = os.environ["TORCH_EXTENSIONS_DIR"]
-    kwargs = dict(namespace=namespace, runtime_env={"env_vars": env}, log_to_driver=True)
     address = address or os.environ.get("RAY_ADDRESS")  # set inside `ray job submit` jobs
-    if address is None:
-        # "local": always a new cluster of our own, never one a `ray start` left running on this machine
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", **kwargs)
+    # A cluster of our own inherits this process's environment, so its workers get ``env`` without a job
+    # runtime_env: one would start each worker through Ray's setup_worker (a second `import ray` before the
+    # worker's own: ~0.7 CPU-s and ~0.4 s more per actor, benchmarks/startup.py). A joined cluster needs it.
+    inherit = address is None and not WORKER_ENV_AS_RUNTIME_ENV
+    kwargs = dict(namespace=namespace, log_to_driver=True, **({} if inherit else {"runtime_env": {"env_vars": env}}))
+    if address is None:  # "local": always a new cluster of our own, never one a `ray start` left running here
+        with _environment(env if inherit else {}):
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", **kwargs)
     else:
         ray.init(address=address, **kwargs)
+
+
+@contextmanager
+def _environment(env: dict[str, str]):
+    """``os.environ`` updated with ``env`` inside the block (processes started there inherit it), restored after."""
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def setup_actor_process(torch_threads: int, seed: int | None = None) -> None:

@@ -5,7 +5,9 @@ Per round: ``python -c "import aapo_ray.train_cli"`` (imports), ``aapo --help``,
 ``--steps`` steps with no evaluation and no checkpoint, on a cluster of its own with the roles in two processes
 (``cold``: the default, ``ray.colocate`` split), in one process (``cold_one``) and in a process each
 (``cold_off``: before co-location), and the default again through the old exit (``cold_full_exit``:
-``sys.exit(main())``, the interpreter's full teardown, as before ``aapo_ray.cli.run``); joining a local cluster kept warm with ``ray start --head`` (``warm``:
+``sys.exit(main())``, the interpreter's full teardown, as before ``aapo_ray.cli.run``) and through a job
+runtime_env (``cold_runtime_env``: the local cluster's workers get their environment from a job runtime_env,
+each started through Ray's setup_worker, as before ``init_ray`` let them inherit it); joining a local cluster kept warm with ``ray start --head`` (``warm``:
 ``--address``, a process per role; ``warm_split``: two processes), and joining it with ``ray.keep_roles=true``
 (``kept``: the role actors an earlier run left loaded are re-initialised in place; one untimed run first
 leaves them there). From the run's step-0 metrics: ``time/ray_init_s``
@@ -14,7 +16,7 @@ started concurrently); ``shutdown_s``: from the last metrics row written to the 
 checkpoint, roles stopped, plot, Ray's shutdown, the interpreter's exit). Fixed cost = wall - the steps' own
 time; the rest of it (interpreter, imports, config, model and prompt checks) is ``other``. Rounds are interleaved with nothing else.
 
-Usage: python benchmarks/startup.py [--rounds 3] [--steps 12]
+Usage: python benchmarks/startup.py [--rounds 3] [--steps 12] [--arms cold cold_runtime_env ...]
 """
 
 from __future__ import annotations
@@ -30,10 +32,15 @@ import time
 from pathlib import Path
 
 import _common as C
+from aapo_ray.compare import mean_ci
 
 AAPO = str(Path(sys.executable).with_name("aapo"))
 # `aapo` as it was before its console script skipped the interpreter's teardown (aapo_ray.cli.run)
 FULL_EXIT = (sys.executable, "-c", "import sys; from aapo_ray.cli import main; sys.exit(main())")
+# `aapo` with its local cluster's workers given their environment by a job runtime_env, as before
+RUNTIME_ENV = (sys.executable, "-c", "import aapo_ray.launch as launch; launch.WORKER_ENV_AS_RUNTIME_ENV = True; "
+               "from aapo_ray.cli import run; run()")
+ARMS = ("cold", "cold_runtime_env", "cold_one", "cold_off", "cold_full_exit", "warm", "warm_split", "kept")
 
 
 def free_port() -> int:
@@ -117,13 +124,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS), help="a subset of the arms (default: all)")
     a = ap.parse_args()
     C.model_dir("embedded")  # cached before timing
     env = {k: v for k, v in os.environ.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
     # two kept clusters: a run without ray.keep_roles kills idle kept actors that hold the CPUs it needs,
     # so the "warm" and "kept" runs must not share one
-    clusters = {arm: (free_port(), Path(tempfile.mkdtemp(prefix=f"aapo-{arm}-", dir="/tmp"))) for arm in ("warm", "kept")}
+    wanted = {"warm" if arm == "warm_split" else arm for arm in a.arms} & {"warm", "kept"}
+    clusters = {arm: (free_port(), Path(tempfile.mkdtemp(prefix=f"aapo-{arm}-", dir="/tmp"))) for arm in sorted(wanted)}
     for port, temp in clusters.values():
         subprocess.run([str(Path(sys.executable).with_name("ray")), "start", "--head", "--port", str(port),
                         "--node-ip-address", "127.0.0.1", "--include-dashboard", "false", "--temp-dir", str(temp),
@@ -135,17 +144,20 @@ def main() -> None:
         return {**one_round(a.steps, f"127.0.0.1:{port}", env, extra), **cluster_memory(temp, port)}
 
     try:
-        joined("kept", keep)  # leaves the roles loaded for the timed "kept" runs
-        res = C.interleave({"cold": lambda r: one_round(a.steps),
-                            "cold_one": lambda r: one_round(a.steps, extra=("ray.colocate=one",)),
-                            "cold_off": lambda r: one_round(a.steps, extra=("ray.colocate=off",)),
-                            "cold_full_exit": lambda r: one_round(a.steps, command=FULL_EXIT),
-                            "warm": lambda r: joined("warm"), "warm_split": lambda r: joined("warm", ("ray.colocate=split",)),
-                            "kept": lambda r: joined("kept", keep)}, a.rounds)
+        if "kept" in clusters:
+            joined("kept", keep)  # leaves the roles loaded for the timed "kept" runs
+        arms = {"cold": lambda r: one_round(a.steps),
+                "cold_runtime_env": lambda r: one_round(a.steps, command=RUNTIME_ENV),
+                "cold_one": lambda r: one_round(a.steps, extra=("ray.colocate=one",)),
+                "cold_off": lambda r: one_round(a.steps, extra=("ray.colocate=off",)),
+                "cold_full_exit": lambda r: one_round(a.steps, command=FULL_EXIT),
+                "warm": lambda r: joined("warm"), "warm_split": lambda r: joined("warm", ("ray.colocate=split",)),
+                "kept": lambda r: joined("kept", keep)}
+        res = C.interleave({arm: arms[arm] for arm in ARMS if arm in a.arms}, a.rounds)
     finally:
         for port, temp in clusters.values():
             stop_cluster(temp, port)
-    if not all(r["kept_reused"] for r in res["kept"]):  # the arm measures reuse, or nothing
+    if not all(r["kept_reused"] for r in res.get("kept", [])):  # the arm measures reuse, or nothing
         raise RuntimeError(f"a 'kept' run started fresh actors: {[r['kept_reused'] for r in res['kept']]}")
     keys = ["import_s", "help_s", "ray_init_s", "roles_start_s", "shutdown_s", "other_s", "fixed_s", "steps_s", "wall_s", "peak_rss_mb",
             "peak_pss_mb", "cluster_rss_mb", "cluster_pss_mb", "kept_reused", "processes"]
@@ -155,15 +167,22 @@ def main() -> None:
     for arm, base, key in (("kept", "warm", "fixed_s"), ("cold", "cold_full_exit", "shutdown_s"),
                            ("cold", "cold_full_exit", "fixed_s"), ("cold", "cold_off", "fixed_s"), ("cold_one", "cold_off", "fixed_s"),
                            ("cold", "cold_off", "steps_s"), ("cold_one", "cold_off", "steps_s"),
-                           ("cold", "cold_off", "peak_pss_mb"), ("cold_one", "cold_off", "peak_pss_mb")):
-        print(f"{key}, {arm} / {base} per round: " + ", ".join(f"{x[key] / y[key]:.2f}" for x, y in zip(res[arm], res[base])))
+                           ("cold", "cold_off", "peak_pss_mb"), ("cold_one", "cold_off", "peak_pss_mb"),
+                           ("cold", "cold_runtime_env", "roles_start_s"), ("cold", "cold_runtime_env", "fixed_s")):
+        if arm not in res or base not in res:
+            continue
+        ratios = [x[key] / y[key] for x, y in zip(res[arm], res[base])]
+        mean, low, high = mean_ci(ratios)
+        print(f"{key}, {arm} / {base} per round: " + ", ".join(f"{r:.2f}" for r in ratios)
+              + f"; mean {mean:.2f}, 95% CI [{low:.2f}, {high:.2f}]")
     for arm in res:
         print(f"{arm}: peak RSS by role, MB (first round): " + ", ".join(
             f"{role} {mb:.0f}" for role, mb in res[arm][0]["peak_rss_parts_mb"].items()))
     print("peak RSS counts the train command's own process tree: with --address, Ray's daemons belong to "
           "`ray start` and are not in it; cluster_rss_mb is the kept cluster's processes after the run (with "
           "ray.keep_roles the loaded roles stay there)")
-    path = C.save("startup", {"machine": C.machine(), "args": vars(a), "rounds": res})
+    name = "startup" if set(a.arms) == set(ARMS) else "_".join(["startup", *(arm for arm in ARMS if arm in a.arms)])
+    path = C.save(name, {"machine": C.machine(), "args": vars(a), "rounds": res})
     print(f"wrote {path}")
 
 

@@ -13,6 +13,7 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/aapo_
 # suite on both cores has missed them (the proxy killed mid-test). Ray's workers inherit this from
 # the process that starts the cluster, so it is set before any test starts one.
 os.environ.setdefault("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", "60")
+ENVIRON_AT_START = dict(os.environ)  # before any test started a cluster (tests/test_roles.py)
 
 # Seconds each test file takes on one of 2 workers (2-core VM, 2026-12-03, two full runs, setup and
 # teardown included). `--dist loadfile` hands whole files to the workers in collection order (pyproject

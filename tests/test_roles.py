@@ -1,5 +1,7 @@
 """Each Ray role alone on a real local cluster: generators, the frozen reference, scorers, sync."""
 
+import os
+
 import numpy as np
 import pytest
 import ray
@@ -25,6 +27,24 @@ def prompts(tiny_model_path):
     questions = ["Compute 1+2+3+4.\n", "Compute 9-3+2+1.\n", "Compute 5+5-2+7.\n", "Compute 8+1+1-4.\n"]
     ids = tok(questions, add_special_tokens=False)["input_ids"]
     return make_prompt_batch([10, 11, 12, 13], ids, questions, ["10", "9", "15", "6"])
+
+
+def test_local_cluster_workers_inherit_the_actor_env_without_a_job_runtime_env(ray_cluster):
+    """init_ray's own cluster: its workers have ACTOR_ENV (one torch thread) from the environment the cluster
+    was started with, not from a job runtime_env (which starts every worker through Ray's setup_worker, a
+    second ``import ray``); the driver's own environment is left as it was."""
+    from aapo_ray.launch import ACTOR_ENV
+    from conftest import ENVIRON_AT_START
+
+    @ray.remote(num_cpus=0.1)
+    def worker_env():
+        return ({k: os.environ.get(k) for k in [*ACTOR_ENV, "OMP_NUM_THREADS", "MKL_NUM_THREADS"]},
+                ray.get_runtime_context().runtime_env)
+
+    env, runtime_env = ray.get(worker_env.remote())
+    assert env == {**ACTOR_ENV, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    assert not runtime_env and not ray.get_runtime_context().runtime_env
+    assert {k: os.environ.get(k) for k in env} == {k: ENVIRON_AT_START.get(k) for k in env}
 
 
 def test_generator_pool_spreads_groups_and_is_seeded(ray_cluster, cfg, tiny_model_path, prompts):
