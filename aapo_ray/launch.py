@@ -38,10 +38,10 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, namespa
     # A cluster of our own inherits this process's environment, so its workers get ``env`` without a job
     # runtime_env: one would start each worker through Ray's setup_worker (a second `import ray` before the
     # worker's own: ~0.7 CPU-s and ~0.4 s more per actor, benchmarks/startup.py). A joined cluster needs it.
-    inherit = address is None and not WORKER_ENV_AS_RUNTIME_ENV
-    kwargs = dict(namespace=namespace, log_to_driver=True, **({} if inherit else {"runtime_env": {"env_vars": env}}))
+    runtime_env = None if address is None and not WORKER_ENV_AS_RUNTIME_ENV else {"env_vars": env}
+    kwargs = dict(namespace=namespace, runtime_env=runtime_env, log_to_driver=True)
     if address is None:  # "local": always a new cluster of our own, never one a `ray start` left running here
-        with _environment(env if inherit else {}):
+        with _environment({} if runtime_env else env):
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", **kwargs)
     else:
         ray.init(address=address, **kwargs)

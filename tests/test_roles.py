@@ -10,9 +10,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from aapo_ray.config import AlgoConfig, Config, LearnerConfig, RewardConfig, RolloutConfig
 from aapo_ray.generator import GeneratorPool
+from aapo_ray.launch import ACTOR_ENV
 from aapo_ray.reference import ReferencePool
 from aapo_ray.rollout import column_numpy, concat, learner_batch, make_prompt_batch, make_rollout_batch, padded_tensors
 from aapo_ray.scorer import ScorerPool
+from conftest import ENVIRON_AT_START
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +35,6 @@ def test_local_cluster_workers_inherit_the_actor_env_without_a_job_runtime_env(r
     """init_ray's own cluster: its workers have ACTOR_ENV (one torch thread) from the environment the cluster
     was started with, not from a job runtime_env (which starts every worker through Ray's setup_worker, a
     second ``import ray``); the driver's own environment is left as it was."""
-    from aapo_ray.launch import ACTOR_ENV
-    from conftest import ENVIRON_AT_START
-
     @ray.remote(num_cpus=0.1)
     def worker_env():
         return ({k: os.environ.get(k) for k in [*ACTOR_ENV, "OMP_NUM_THREADS", "MKL_NUM_THREADS"]},
