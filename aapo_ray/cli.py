@@ -52,9 +52,9 @@ def run() -> NoReturn:
     modules, which takes 1-2 s on 2 cores and saves nothing. An exception propagates as usual (traceback,
     normal exit)."""
     code = main()
-    ray = sys.modules.get("ray")  # imported only by the commands that use Ray
-    if ray is not None and ray.is_initialized():
-        ray.shutdown()
+    launch = sys.modules.get("aapo_ray.launch")  # imported only by the commands that start or join Ray
+    if launch is not None and launch.ray.is_initialized():
+        launch.shutdown_ray()
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -34,7 +34,8 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, namespa
     env = dict(ACTOR_ENV, OMP_NUM_THREADS=str(torch_threads), MKL_NUM_THREADS=str(torch_threads))
     if "TORCH_EXTENSIONS_DIR" in os.environ:
         env["TORCH_EXTENSIONS_DIR"] = os.environ["TORCH_EXTENSIONS_DIR"]
-    address = address or os.environ.get("RAY_ADDRESS")  # set inside `ray job submit` jobs
+    # RAY_ADDRESS is set inside `ray job submit` jobs; exported but empty, it is unset (as Ray reads it)
+    address = address or os.environ.get("RAY_ADDRESS") or None
     # A cluster of our own inherits this process's environment, so its workers get ``env`` without a job
     # runtime_env: one would start each worker through Ray's setup_worker (a second `import ray` before the
     # worker's own: ~0.7 CPU-s and ~0.4 s more per actor, benchmarks/startup.py). A joined cluster needs it.
@@ -45,6 +46,21 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, namespa
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", **kwargs)
     else:
         ray.init(address=address, **kwargs)
+
+
+def shutdown_ray() -> None:
+    """``ray.shutdown()``, less the second a local cluster's autoscaler monitor costs it.
+
+    Ray 2.60 stops the GCS before the monitor, whose SIGTERM handler then tries to report its own end to
+    that GCS until Ray's one-second grace period is over and it is killed (``Node._kill_process_impl``). A
+    cluster this process started has no other node to scale, so its monitor is killed first and Ray skips
+    it. A joined cluster is only disconnected from, as by ``ray.shutdown()``."""
+    node = getattr(ray._private.worker, "_global_node", None)  # the head node started here, if any
+    for info in getattr(node, "all_processes", {}).get("monitor", []):
+        if info.process.poll() is None:
+            info.process.kill()
+            info.process.wait(timeout=10)
+    ray.shutdown()
 
 
 @contextmanager

@@ -62,11 +62,11 @@ def ray_cluster():
     """A real local Ray cluster (not a mock) on 127.0.0.1, shared by the whole session."""
     import ray
 
-    from aapo_ray.launch import init_ray
+    from aapo_ray.launch import init_ray, shutdown_ray
 
     init_ray(num_cpus=8, namespace="aapo-tests")
     yield ray
-    ray.shutdown()
+    shutdown_ray()
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,9 @@
 """Each Ray role alone on a real local cluster: generators, the frozen reference, scorers, sync."""
 
+import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -44,6 +47,39 @@ def test_local_cluster_workers_inherit_the_actor_env_without_a_job_runtime_env(r
     assert env == {**ACTOR_ENV, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     assert not runtime_env and not ray.get_runtime_context().runtime_env
     assert {k: os.environ.get(k) for k in env} == {k: ENVIRON_AT_START.get(k) for k in env}
+
+
+_SHUTDOWN = """
+import json, ray
+from aapo_ray.launch import init_ray, shutdown_ray
+init_ray(num_cpus=1, namespace="shutdown-test")
+started = {kind: [i.process for i in infos] for kind, infos in ray._private.worker._global_node.all_processes.items()}
+monitor = started["monitor"][0]
+sent = []
+
+
+def terminate():  # Ray's shutdown calls this to start the monitor's grace period
+    sent.append("SIGTERM")
+    type(monitor).terminate(monitor)
+
+
+monitor.terminate = terminate
+shutdown_ray()
+print(json.dumps({"monitor": sent, "kinds": sorted(started),
+                  "alive": [kind for kind, procs in started.items() for p in procs if p.poll() is None]}))
+"""
+
+
+def test_shutdown_skips_the_monitors_grace_period_and_leaves_no_process():
+    """``shutdown_ray`` on a cluster of its own: the autoscaler monitor is gone before Ray's shutdown sends
+    it SIGTERM (to which it answers by calling the GCS Ray has just stopped, for the whole one-second grace
+    period), and every process of the cluster has ended."""
+    out = subprocess.run([sys.executable, "-c", _SHUTDOWN], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "RAY_ADDRESS": ""})  # exported but empty: unset, as Ray reads it
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert {"gcs_server", "raylet", "monitor", "dashboard", "log_monitor"} <= set(result["kinds"])
+    assert result["monitor"] == [] and result["alive"] == []
 
 
 def test_generator_pool_spreads_groups_and_is_seeded(ray_cluster, cfg, tiny_model_path, prompts):
