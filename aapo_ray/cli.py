@@ -1,7 +1,7 @@
-"""``aapo`` command line. Each subcommand's module (listed in :data:`aapo_ray.commands.COMMANDS`)
-registers its parser (``add_parser``, which sets ``func(args) -> exit status``); a run imports only
-the module of the subcommand it runs, so ``aapo --help`` starts in well under a second and ``aapo
-train`` does not pay for Ray Serve or the evaluation pipeline."""
+"""``aapo`` command line. Every subcommand's arguments are parsed first (:mod:`aapo_ray.cli_args`, light),
+then the function that runs it is imported (:data:`aapo_ray.commands.COMMANDS`), so ``aapo --help``,
+``aapo train --help`` and a mistyped flag answer in well under a second, and ``aapo train`` does not pay
+for Ray Serve or the evaluation pipeline."""
 
 from __future__ import annotations
 
@@ -10,33 +10,32 @@ import importlib
 import logging
 import os
 import sys
-from typing import NoReturn
+from typing import Callable, NoReturn
 
+from aapo_ray.cli_args import add_parsers
 from aapo_ray.commands import COMMANDS
 from aapo_ray.config import ConfigError
 
 
-def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
-    """The ``aapo`` parser. With ``argv``, only the subcommand it names is fully built (the others are
-    listed with their help line); without, every subcommand is."""
+def build_parser() -> argparse.ArgumentParser:
+    """The ``aapo`` parser, every subcommand with its arguments."""
     parser = argparse.ArgumentParser(prog="aapo", description="AAPO post-training on Ray")
-    sub = parser.add_subparsers(dest="command", required=True)
-    chosen = list(COMMANDS) if argv is None else [a for a in argv if a in COMMANDS][:1]
-    modules = dict.fromkeys(COMMANDS[name][0] for name in chosen)  # in order, once each
-    for module in modules:
-        importlib.import_module(module).add_parser(sub)
-    for name, (module, help_text) in COMMANDS.items():
-        if module not in modules:  # named in `aapo --help`; its arguments are built when it runs
-            sub.add_parser(name, help=help_text)
+    add_parsers(parser.add_subparsers(dest="command", required=True))
     return parser
+
+
+def command_runner(args: argparse.Namespace) -> Callable[[argparse.Namespace], int]:
+    """The function that runs the parsed command, ``args -> exit status`` (its module is imported here)."""
+    module, _, name = COMMANDS[args.command][0].partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser(argv).parse_args(argv)
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return args.func(args)
+        return command_runner(args)(args)
     except ConfigError as exc:
         print(f"aapo: {exc}", file=sys.stderr)
         return 2

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import yaml
 
-from aapo_ray.commands import help_line
 from aapo_ray.metrics import read_metrics, save_figure
 
 
@@ -191,19 +190,7 @@ def _json_safe(value):
     return value
 
 
-# ----------------------------------------------------------------------------- CLI
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("compare", help=help_line("compare"),
-                              description=__doc__.split("\n\n")[1])
-    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
-    p.add_argument("--by", default="algo.estimator", help="config key that names the groups (default algo.estimator)")
-    p.add_argument("--metric", default="eval/accuracy", help="metrics.jsonl key (default eval/accuracy)")
-    p.add_argument("--last", type=int, default=3, help="score = mean of the last N values of the metric (default 3)")
-    p.add_argument("--out", default=".", help="directory for compare.png and compare.json (default: .)")
-    p.set_defaults(func=run)
-    return p
-
-
+# ----------------------------------------------------------------------------- aapo compare
 def run(args: argparse.Namespace) -> int:
     try:
         if args.last < 1:

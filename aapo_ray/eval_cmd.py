@@ -1,13 +1,8 @@
 """``aapo eval MODEL_OR_RUN``: avg@k, pass@k and maj@k on MATH-500, AIME24, AMC23, Minerva, OlympiadBench,
 GSM8K or a user's JSONL, as batch inference on Ray Data (:mod:`aapo_ray.eval_pipeline`).
 
-MODEL_OR_RUN is a HF model directory or a run directory of ``aapo train`` (its latest complete checkpoint,
-``--checkpoint step_N``, or every checkpoint with ``--all-checkpoints``). A run directory's
-``config.yaml`` gives the prompt rendering training used (``data.template`` / ``chat_template`` /
-``system_prompt``); a plain HF directory uses its chat template, else ``"{question}\\n"``. Prompts longer
-than the model's context are cut from the left (counted) and every problem's completion budget is capped
-at the context left after its prompt (with a warning). ``--protocol paper``: see
-:mod:`aapo_ray.eval_sets`; flags given explicitly override it.
+What MODEL_OR_RUN may be, and how prompts and completion budgets are set: ``aapo eval --help``
+(:data:`aapo_ray.cli_args.EVAL_DESCRIPTION`).
 
 Writes to ``--out`` (default ``MODEL_OR_RUN/eval/<timestamp>/``): ``samples.parquet`` (one row per sample:
 model, benchmark, problem_id, sample, prompt, completion, answer, gold, correct, length, finish_reason,
@@ -33,12 +28,11 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from aapo_ray.checkpoint import STATE, complete_checkpoints, resolve_model_dir
-from aapo_ray.commands import help_line
 from aapo_ray.config import DataConfig, load_config
 from aapo_ray.data import render_prompts
 from aapo_ray.eval_metrics import benchmark_metrics, paper_table
 from aapo_ray.eval_pipeline import SCORED_SCHEMA, build_dataset
-from aapo_ray.eval_sets import BENCHMARKS, PAPER_PROTOCOL, PAPER_SETS, EvalInputError, load_eval_set, parse_benchmarks
+from aapo_ray.eval_sets import BENCHMARKS, MAX_SAMPLES, PAPER_PROTOCOL, PAPER_SETS, EvalInputError, load_eval_set, parse_benchmarks
 from aapo_ray.launch import init_ray
 from aapo_ray.metrics import save_figure
 from aapo_ray.preflight import resolve_model_path
@@ -46,7 +40,6 @@ from aapo_ray.sampling import problem_seed
 from aapo_ray.synthetic import PROMPT_TEMPLATE
 
 log = logging.getLogger(__name__)
-MAX_SAMPLES = 1024
 DEFAULTS = {"temperature": 0.6, "top_p": 0.95, "max_new_tokens": 1024, "samples": 4,
             "benchmarks": ",".join(PAPER_SETS + ("gsm8k",))}
 OUT_SCHEMA = pa.schema([pa.field("model", pa.string())] + list(SCORED_SCHEMA))
@@ -313,51 +306,3 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {out / 'results.json'}, {out / 'samples.parquet'}, " + ", ".join(map(str, plots))
           + f" ({wall:.1f} s)")
     return 0
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("eval", help=help_line("eval"),
-                              description=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[1],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", metavar="MODEL_OR_RUN", help="HF model directory or run directory")
-    which = p.add_argument_group("what to evaluate")
-    which.add_argument("--checkpoint", help="step_N of a run directory (default: latest complete)")
-    which.add_argument("--all-checkpoints", action="store_true",
-                       help="every complete checkpoint of the run, and the model it started from (step_0)")
-    which.add_argument("--benchmarks", help=f"comma-separated: {', '.join(BENCHMARKS)}, synthetic:<split>[:<n>] "
-                                            f"(the embedded task) or a .jsonl path with problem/answer fields "
-                                            f"(default: all six; paper protocol: the paper's five)")
-    which.add_argument("--limit", type=int, help="first N problems of each set")
-    which.add_argument("--protocol", choices=("paper", "custom"), default="custom",
-                       help="paper: T=0.6, top_p=0.95, 3584 new tokens, 1 sample, the paper's five sets")
-    samp = p.add_argument_group("sampling (defaults: T=0.6, top_p=0.95, 1024 new tokens, 4 samples)")
-    samp.add_argument("--samples", "-k", type=int, help=f"samples per problem k (1..{MAX_SAMPLES})")
-    samp.add_argument("--temperature", type=float)
-    samp.add_argument("--top-p", dest="top_p", type=float)
-    samp.add_argument("--max-new-tokens", dest="max_new_tokens", type=int)
-    samp.add_argument("--seed", type=int, default=0, help="base seed; each problem's seed derives from it")
-    eng = p.add_argument_group("engine and cluster")
-    eng.add_argument("--backend", choices=("hf", "sglang"), default="hf")
-    eng.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
-    eng.add_argument("--deterministic", action="store_true", help="sglang: per-row seeds (deterministic mode)")
-    eng.add_argument("--endpoint", help="OpenAI-compatible server URL (e.g. of aapo serve) instead of local engines")
-    eng.add_argument("--model-name", help="--endpoint: the served model id to request")
-    eng.add_argument("--api-key", help="--endpoint: bearer token")
-    eng.add_argument("--max-in-flight", type=int, default=4, help="--endpoint: requests in flight per generator")
-    eng.add_argument("--generators", type=int, default=1, help="generation actors (Ray Data concurrency)")
-    eng.add_argument("--cpus-per-generator", type=float, default=1.0)
-    eng.add_argument("--gpus-per-generator", type=float, help="default: 1 for sglang, 0 for hf")
-    eng.add_argument("--generation-batch-size", type=int, default=64, help="hf: rows per generate call")
-    eng.add_argument("--torch-threads", type=int, default=1)
-    eng.add_argument("--problems-per-batch", type=int,
-                     help="problems per Ray Data batch, sampled in one engine call (default: "
-                          "--generation-batch-size / k, at least 1)")
-    eng.add_argument("--scorers", type=int, default=1, help="scoring actors")
-    eng.add_argument("--score-timeout", type=float, default=5.0, help="math-verify seconds per sample")
-    eng.add_argument("--trust-remote-code", action="store_true")
-    eng.add_argument("--address", help="Ray cluster to join (default: start a local one)")
-    eng.add_argument("--num-cpus", type=int, help="CPUs of a local cluster")
-    p.add_argument("--out", help="output directory (default MODEL_OR_RUN/eval/<timestamp>)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=run)
-    return p

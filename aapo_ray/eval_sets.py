@@ -62,6 +62,7 @@ ALL_SETS = PAPER_SETS + ("gsm8k",)
 PAPER_PROTOCOL = {"temperature": 0.6, "top_p": 0.95, "max_new_tokens": 3584, "samples": 1,
                   "benchmarks": ",".join(PAPER_SETS)}
 USER_FIELDS = ("problem", "answer")
+MAX_SAMPLES = 1024  # largest k of ``aapo eval --samples``
 
 
 class EvalInputError(ValueError):

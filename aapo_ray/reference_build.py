@@ -38,7 +38,6 @@ import ray
 from tqdm.auto import tqdm
 
 from aapo_ray.batch_inference import BackendSampler
-from aapo_ray.commands import help_line
 from aapo_ray.config import Config
 from aapo_ray.launch import init_ray
 from aapo_ray.preflight import check_reference_cache, load_checked_config, load_prompts, resolve_model_path
@@ -170,18 +169,6 @@ def open_reference(cfg: Config, model_path: str, prompts: pa.RecordBatch, expect
     """The run's precomputed reference, built first when missing or incomplete (Ray must be up)."""
     path = build_reference_cache(cfg, model_path, prompts, expected, progress=progress)
     return ReferenceCache(path, cfg.algo.group_size, cfg.run.seed)
-
-
-def add_parser(sub) -> None:
-    """``reference build``."""
-    ref = sub.add_parser("reference", help=help_line("reference"))
-    build = ref.add_subparsers(dest="reference_command", required=True).add_parser(
-        "build", help="sample and score algo.reference_samples reference completions per training prompt")
-    build.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
-    build.add_argument("--config", help="YAML config file (the training run's)")
-    build.add_argument("--address", help="join an existing Ray cluster ('auto', ray://host:10001)")
-    build.add_argument("--no-progress", action="store_true", help="no progress bar")
-    build.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

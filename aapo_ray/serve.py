@@ -2,8 +2,8 @@
 
 The replica is :class:`aapo_ray.serve_replica.OpenAIServer`; this module builds the Serve application
 (:func:`build_app`, and :func:`app_builder` for ``serve run`` / a KubeRay RayService
-``import_path: aapo_ray.serve:app_builder``) and the ``aapo serve`` command, whose flags are derived
-from :class:`DeploymentOptions` and :class:`~aapo_ray.serve_replica.ServeOptions`.
+``import_path: aapo_ray.serve:app_builder``) and runs the ``aapo serve`` command, whose flags
+(:mod:`aapo_ray.cli_args`) are derived from :mod:`aapo_ray.serve_options`.
 """
 
 from __future__ import annotations
@@ -13,33 +13,15 @@ import json
 import os
 import sys
 import time
-import types
-import typing
-from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from aapo_ray.checkpoint import resolve_model_dir
-from aapo_ray.commands import help_line
 from aapo_ray.launch import init_ray
-from aapo_ray.serve_replica import OpenAIServer, ServeOptions, sha256_hex
+from aapo_ray.serve_options import DeploymentOptions, ServeOptions, sha256_hex
+from aapo_ray.serve_replica import OpenAIServer
 
 APP_NAME = "aapo-serve"
-
-
-class DeploymentOptions(BaseModel):
-    """What is served and how many replicas (``args`` of ``app_builder``; ``aapo serve`` flags)."""
-
-    model_config = ConfigDict(extra="forbid")
-    model: str = Field(description="training run directory or local HF model directory")
-    checkpoint: Optional[str] = Field(None, description="a named checkpoint of the run, step_N (default: latest complete)")
-    name: Optional[str] = Field(None, description="served model id (default: the run / model directory's name)")
-    num_replicas: int | Literal["auto"] = Field(1, description="replica count, or 'auto'")
-    autoscaling_config: Optional[dict | str] = Field(None, description='JSON, e.g. {"min_replicas":1,"max_replicas":4}')
-    num_cpus: float = Field(1.0, ge=0, description="CPUs per replica")
-    num_gpus: float = Field(0.0, ge=0, description="GPUs per replica")
-    max_ongoing_requests: int = Field(64, ge=1, description="requests a replica takes at once")
 
 
 def build_app(model: str, *, api_key: str | None = None, **options):
@@ -70,42 +52,7 @@ def app_builder(args: dict):
     return build_app(**dict(args))
 
 
-# ----------------------------------------------------------------------------- CLI
-def _add_fields(parser: argparse.ArgumentParser, model: type[BaseModel], skip: tuple[str, ...] = ()) -> None:
-    """One ``--flag-name`` per field of ``model``: type, default, choices and help from the field."""
-    for name, field in model.model_fields.items():
-        if name in skip:
-            continue
-        flag, kind = "--" + name.replace("_", "-"), field.annotation
-        options = [a for a in typing.get_args(kind) if a is not type(None)] if isinstance(
-            kind, types.UnionType) or typing.get_origin(kind) is typing.Union else [kind]
-        help_text = f"{field.description} (default: {field.default})"
-        if options == [bool]:
-            parser.add_argument(flag, action="store_true", help=help_text)
-        elif typing.get_origin(options[0]) is Literal:
-            parser.add_argument(flag, choices=typing.get_args(options[0]), default=field.default, help=help_text)
-        else:
-            parse = options[0] if options[0] in (int, float) and len(options) == 1 else str
-            parser.add_argument(flag, type=parse, default=field.default, help=help_text)
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("serve", help=help_line("serve"),
-                              description="Serve RUN_DIR's latest complete checkpoint (or --checkpoint step_N, or a "
-                                          "plain HF causal LM directory) on Ray Serve: /v1/completions, "
-                                          "/v1/chat/completions, /v1/models, /health.")
-    p.add_argument("model", metavar="RUN_DIR_OR_MODEL", help=DeploymentOptions.model_fields["model"].description)
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $AAPO_API_KEY, "
-                   "preferred: a flag shows in ps)")
-    p.add_argument("--address", help="join a Ray cluster ('auto', ray://host:10001) instead of starting one")
-    _add_fields(p, DeploymentOptions, skip=("model",))
-    _add_fields(p, ServeOptions, skip=("api_key_sha256",))
-    p.set_defaults(func=run)
-    return p
-
-
+# ----------------------------------------------------------------------------- aapo serve
 def run(args: argparse.Namespace) -> int:
     """Start (or join) Ray, deploy, block until Ctrl-C."""
     fields = {k: v for k, v in vars(args).items()

@@ -51,19 +51,17 @@ a KubeRay RayService ``import_path: aapo_ray.serve:app_builder`` with ``args: {m
 
 import asyncio
 import dataclasses
-import hashlib
 import hmac
 import logging
 import os
 import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Literal, Optional
+from typing import Any
 
 import ray
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve._private import replica as replica_module
 from starlette.exceptions import HTTPException
@@ -77,6 +75,7 @@ from aapo_ray.openai_api import (MAX_PROMPTS, APIError, ChatRequest, CompletionR
 from aapo_ray.sampling import Completions, SamplingParams, row_seeds
 from aapo_ray.continuous_batching import continuous_engine
 from aapo_ray.serve_continuous import ContinuousJobs
+from aapo_ray.serve_options import ServeOptions, sha256_hex
 from aapo_ray.serve_logprobs import LogprobRequest, choice, logprob_request, prompt_texts, score_rows
 
 log = logging.getLogger(__name__)
@@ -103,39 +102,6 @@ class CancelledReadIsDisconnect:
 
         await self.app(scope, guarded_receive if scope["type"] == "http" else receive, send)
 
-
-class ServeOptions(BaseModel):
-    """Replica options (strings coerced, for ``serve run ... key=value`` and RayService ``args``); each is
-    also an ``aapo serve`` flag (``--max-batch-size``, ...), described by its ``description``."""
-
-    model_config = ConfigDict(extra="forbid")
-    backend: Literal["hf", "sglang"] = Field("hf", description="generation backend (sglang: GPU only)")
-    dtype: str = Field("float32", description="weights dtype")
-    device: Optional[str] = Field(None, description="torch device for hf (default: cuda if available)")
-    trust_remote_code: bool = Field(False, description="run the checkpoint's own Python code")
-    allow_pickle: bool = Field(False, description="load .bin (pickle) weights")
-    torch_threads: int = Field(1, ge=1, description="torch threads per replica")
-    batching: Literal["continuous", "grouped"] = Field(
-        "continuous", description="continuous (hf): every row joins and leaves one running batch at each decoding "
-        "step; grouped: @serve.batch batches, one generate call per distinct sampling params (sglang: always)")
-    generation_batch_size: int = Field(64, ge=1, description="rows per hf generate call or continuous-batching step")
-    kv_cache_tokens: Optional[int] = Field(None, ge=1, description="continuous batching's KV cache, in tokens "
-                                           "(default: generation_batch_size x the context, at most 262144)")
-    max_batch_size: int = Field(16, ge=1, description="requests per @serve.batch batch (grouped)")
-    batch_wait_timeout_s: float = Field(0.01, ge=0, description="seconds a batch waits to fill (grouped)")
-    max_tokens_limit: Optional[int] = Field(None, ge=1, description="largest max_tokens (default: the context)")
-    max_n: int = Field(16, ge=1, description="largest n per request")
-    max_logprobs: int = Field(20, ge=0, description="largest logprobs / top_logprobs per request")
-    max_body_bytes: int = Field(1 << 20, ge=1, description="larger request bodies get 413")
-    body_timeout_s: float = Field(10.0, gt=0, description="a request body must arrive within this (else 408)")
-    request_timeout_s: float = Field(300.0, gt=0, description="body + queue + generation per request (else 504)")
-    max_pending_requests: int = Field(256, ge=1, description="requests queued or generating per replica "
-                                                             "(else 503); default max(256, 4 x max ongoing)")
-    api_key_sha256: Optional[str] = Field(None, description="sha256 of the API key (set by --api-key)")
-
-
-def sha256_hex(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
 
 # ----------------------------------------------------------------------------- the deployment
 @dataclasses.dataclass

@@ -30,55 +30,15 @@ from pathlib import Path
 import yaml
 from ray.job_submission import JobSubmissionClient
 
-from aapo_ray.commands import help_line
+from aapo_ray.cli_args import add_train_parser
 from aapo_ray.config import ConfigError
-from aapo_ray.train_cli import add_train_parser, resolve_train_config
-
-EXAMPLE = """\
-examples:
-  aapo submit --address http://127.0.0.1:8265 -- train run.steps=2
-  aapo submit --address http://127.0.0.1:8265 --working-dir . -- \\
-      train --config cluster/configs/r1-distill-qwen-1.5b-aapo.yaml
-  aapo submit --no-wait -- train --config /home/ray/aapo-ray/cluster/configs/qwen2.5-math-7b-aapo.yaml
-
-On a token-authenticated cluster (KubeRay authOptions.mode=token) export RAY_AUTH_MODE=token and
-RAY_AUTH_TOKEN=<the cluster's token> first; see cluster/README.md."""
+from aapo_ray.train_cli import resolve_train_config
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
 class SubmitError(Exception):
     """Nothing was submitted: the message says why (exit status 2)."""
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "submit", help=help_line("submit"),
-        description="Validate an `aapo train` command locally (CLI parser + config), submit it to a Ray cluster's "
-                    "job server, stream its logs and exit with its status (0 SUCCEEDED, 1 FAILED/STOPPED, "
-                    "2 not submitted: invalid command or config).",
-        epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--address", help="the cluster's dashboard / job server, e.g. http://127.0.0.1:8265 "
-                                     "(default: $RAY_API_SERVER_ADDRESS or $RAY_ADDRESS, as `ray job submit`)")
-    p.add_argument("--runtime-env", metavar="FILE", help="runtime_env as a YAML or JSON file (env_vars, "
-                                                         "working_dir, py_modules, ...)")
-    p.add_argument("--working-dir", metavar="DIR", help="upload DIR as the job's working directory (overrides "
-                                                        "the runtime env's); a relative --config is checked in DIR")
-    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
-                   help="environment variable for the job's driver (repeatable)")
-    p.add_argument("--submission-id", help="the job's id (default: Ray's raysubmit_...)")
-    p.add_argument("--entrypoint-num-cpus", type=float, help="CPUs reserved for the driver process")
-    p.add_argument("--entrypoint-num-gpus", type=float, help="GPUs reserved for the driver process")
-    p.add_argument("--entrypoint-resources", metavar="JSON", help='custom resources for the driver, e.g. \'{"head": 1}\'')
-    p.add_argument("--command", default="aapo", help="how the cluster runs the CLI (default 'aapo'; "
-                                                     "e.g. 'python -m aapo_ray')")
-    p.add_argument("--no-validate", action="store_true",
-                   help="skip the local config check (e.g. a --config or --resume that exists only on the cluster)")
-    p.add_argument("--no-wait", action="store_true", help="print the job id and return once it is submitted")
-    p.add_argument("train_args", nargs=argparse.REMAINDER, metavar="-- train ARGS",
-                   help="the `aapo train` command to run (its overrides and flags)")
-    p.set_defaults(func=run)
-    return p
 
 
 # ----------------------------------------------------------------------------- local checks
@@ -179,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
     except json.JSONDecodeError as exc:
         print(f"aapo submit: --entrypoint-resources is not JSON: {exc}", file=sys.stderr)
         return 2
-    entrypoint = build_entrypoint(args.command, argv, targs, cfg)
+    entrypoint = build_entrypoint(args.cluster_command, argv, targs, cfg)
     if cfg is not None:
         print(f"aapo submit: config OK ({cfg.algo.estimator}, {cfg.run.steps} steps, "
               f"{cfg.completions_per_step} completions/step, model {cfg.model.path})", flush=True)

@@ -37,7 +37,7 @@ def import_graph() -> dict[str, set[str]]:
     for name, tree in modules().items():
         graph[name] = {m.split(".")[1] for m, _ in imported_modules(tree)
                        if m.startswith("aapo_ray.") and m.split(".")[1] != name}
-    graph["cli"] |= {module.split(".")[1] for module, _ in COMMANDS.values()}  # imported by name when run
+    graph["cli"] |= {runner.split(":")[0].split(".")[1] for runner, _ in COMMANDS.values()}  # imported by name
     return graph
 
 
@@ -105,28 +105,44 @@ def _in_type_checking(tree: ast.Module, stmt: ast.stmt) -> bool:
     return False
 
 
-def test_every_command_is_registered_by_the_module_the_table_names():
+def test_every_command_has_a_parser_with_its_help_line_and_a_runner():
     import argparse
     import importlib
 
-    for module in dict.fromkeys(m for m, _ in COMMANDS.values()):
-        sub = argparse.ArgumentParser().add_subparsers()
-        importlib.import_module(module).add_parser(sub)
-        assert set(sub.choices) == {n for n, (m, _) in COMMANDS.items() if m == module}, module
-        assert {n: sub._choices_actions[i].help for i, n in enumerate(sub.choices)} == \
-            {n: h for n, (m, h) in COMMANDS.items() if m == module}
+    from aapo_ray.cli_args import add_parsers
+
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command")
+    add_parsers(sub)
+    assert list(sub.choices) == list(COMMANDS)
+    assert {n: sub._choices_actions[i].help for i, n in enumerate(sub.choices)} == {n: h for n, (_, h) in COMMANDS.items()}
+    for name, (runner, _) in COMMANDS.items():
+        assert parser.parse_args(_argv(name)).command == name  # no flag of its own overwrites `command`
+        module, _, function = runner.partition(":")
+        assert callable(getattr(importlib.import_module(module), function)), name
 
 
-def _modules_after(argv: list[str]) -> set[str]:
-    code = ("import sys; from aapo_ray.cli import build_parser; build_parser(sys.argv[1:]); "
+def _argv(name: str) -> list[str]:
+    """The shortest valid command line of command ``name``."""
+    return {"serve": ["serve", "some/run"], "compare": ["compare", "a", "b"], "eval": ["eval", "m"],
+            "reference": ["reference", "build"]}.get(name, [name])
+
+
+def _modules_after(argv: list[str], *, run: bool = True) -> set[str]:
+    """The modules imported once ``aapo ARGV`` parsed and (``run``) its runner was looked up."""
+    code = ("import sys; from aapo_ray.cli import build_parser, command_runner; "
+            f"args = build_parser().parse_args(sys.argv[1:]); {'command_runner(args); ' if run else ''}"
             "print(' '.join(sorted(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, check=True).stdout
     return set(out.split())
 
 
 def test_the_cli_imports_only_the_command_it_runs():
-    listing = _modules_after(["--help"])
-    assert not {"torch", "transformers", "ray", "aapo_ray.train_cli"} & listing  # `aapo --help`: the table only
+    heavy = {"torch", "transformers", "ray", "math_verify", "aapo_ray.train_cli", "aapo_ray.serve", "aapo_ray.eval_cmd"}
+    for name in COMMANDS:  # every command's arguments parse without anything heavy (`aapo CMD --help` is instant)
+        assert not heavy & _modules_after(_argv(name), run=False), name
+    help_run = subprocess.run([sys.executable, "-m", "aapo_ray", "--help"], capture_output=True, text=True, check=True)
+    assert all(name in help_run.stdout for name in COMMANDS)
     train = _modules_after(["train", "run.steps=1"])
     assert "aapo_ray.driver" in train and not {"ray.serve", "aapo_ray.eval_cmd", "aapo_ray.serve"} & train
     # nor what only Serve or a warm-start build needs: transformers' continuous-batching engine pulls in

@@ -397,7 +397,7 @@ def test_rayservice_serves_the_aapo_app(overlay):
     assert app["args"]["model"].startswith("/outputs/")
     assert app["args"]["model"] == f"/outputs/{OVERLAY_CONFIGS[name][0]}"  # the RayJob's run directory
     assert "api_key" not in app["args"]  # it comes from the Secret, as AAPO_API_KEY
-    from aapo_ray.serve import DeploymentOptions, ServeOptions
+    from aapo_ray.serve_options import DeploymentOptions, ServeOptions
 
     unknown = set(app["args"]) - set(DeploymentOptions.model_fields) - set(ServeOptions.model_fields)
     assert not unknown, f"app_builder args it does not know: {unknown}"
@@ -466,7 +466,7 @@ def test_grpo_baseline_differs_only_in_estimator(model):
 # ----------------------------------------------------------------------------- aapo submit (no cluster)
 def test_submit_argv_and_entrypoint():
     from aapo_ray import submit
-    from aapo_ray.cli import build_parser
+    from aapo_ray.cli import build_parser, command_runner
 
     assert submit.train_argv(["--", "train", "run.steps=2"]) == ["train", "run.steps=2"]
     assert submit.train_argv(["run.steps=2"]) == ["train", "run.steps=2"]
@@ -475,7 +475,7 @@ def test_submit_argv_and_entrypoint():
     with pytest.raises(submit.SubmitError, match="nothing to submit"):
         submit.train_argv(["--"])
     args = build_parser().parse_args(["submit", "--address", "http://h:8265", "--", "train", "run.steps=2"])
-    assert args.func is submit.run and args.train_args[-2:] == ["train", "run.steps=2"]
+    assert command_runner(args) is submit.run and args.train_args[-2:] == ["train", "run.steps=2"]
     targs, cfg = submit.check_train_command(["train", "run.steps=2", "run.name=a b"])
     entry = submit.build_entrypoint("aapo", ["train", "run.steps=2", "run.name=a b"], targs, cfg)
     assert shlex.split(entry) == ["aapo", "train", "run.steps=2", "run.name=a b", "--address", "auto", "--no-progress"]

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from aapo_ray import compare as C
+from aapo_ray.cli_args import add_compare_parser
 
 T975 = {1: 12.7062, 2: 4.3027, 3: 3.1824, 4: 2.7764, 9: 2.2622, 30: 2.0423}  # printed t tables
 
@@ -29,7 +30,7 @@ def write_run(root, name, estimator, seed, evals, *, loss_agg="token_mean"):
 
 def parse(argv):
     parser = argparse.ArgumentParser(prog="aapo")
-    C.add_parser(parser.add_subparsers(dest="command"))
+    add_compare_parser(parser.add_subparsers(dest="command"))
     return parser.parse_args(["compare", *argv])
 
 

@@ -157,7 +157,7 @@ def test_trust_remote_code_and_allow_pickle_default_off():
     from aapo_ray.cli import build_parser
     from aapo_ray.config import load_config
     from aapo_ray.models import load_model_and_tokenizer
-    from aapo_ray.serve_replica import ServeOptions
+    from aapo_ray.serve_options import ServeOptions
 
     cfg = load_config()
     assert cfg.model.trust_remote_code is False and cfg.model.allow_pickle is False
@@ -250,7 +250,7 @@ def test_serve_api_key_reaches_the_app_only_hashed(tmp_path):
     from ray import cloudpickle
 
     from aapo_ray.serve import build_app
-    from aapo_ray.serve_replica import sha256_hex as _sha256
+    from aapo_ray.serve_options import sha256_hex as _sha256
 
     (tmp_path / "config.json").write_text("{}")  # resolve_model_dir only needs a HF-looking directory
     key = "sk-serve-only-hash-4e5f"

@@ -518,7 +518,8 @@ def bare_server(reference, monkeypatch):
     from ray.serve import batching
 
     from aapo_ray.sampling import Completions
-    from aapo_ray.serve_replica import OpenAIServer, ServeOptions
+    from aapo_ray.serve_options import ServeOptions
+    from aapo_ray.serve_replica import OpenAIServer
 
     # serve.batch asks the replica context for max_ongoing_requests only to print a warning
     monkeypatch.setattr(batching._BatchQueue, "_warn_if_max_batch_size_exceeds_max_ongoing_requests",

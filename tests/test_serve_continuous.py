@@ -16,7 +16,8 @@ from aapo_ray.openai_api import APIError
 from aapo_ray.sampling import SamplingParams, row_seeds
 from aapo_ray.serve_continuous import ContinuousJobs
 from aapo_ray.serve_logprobs import LogprobRequest, score_rows
-from aapo_ray.serve_replica import Job, OpenAIServer, ServeOptions
+from aapo_ray.serve_options import ServeOptions
+from aapo_ray.serve_replica import Job, OpenAIServer
 from aapo_ray.synthetic import SyntheticTask
 
 GREEDY = SamplingParams(temperature=0, max_new_tokens=40)
