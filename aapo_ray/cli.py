@@ -14,7 +14,7 @@ from typing import Callable, NoReturn
 
 from aapo_ray.cli_args import add_parsers
 from aapo_ray.commands import COMMANDS
-from aapo_ray.config import ConfigError
+from aapo_ray.config import ConfigError, load_config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        if source := getattr(args, "config_source", None):  # the config's own errors, before any heavy import
+            load_config(*source(args))
         return command_runner(args)(args)
     except ConfigError as exc:
         print(f"aapo: {exc}", file=sys.stderr)

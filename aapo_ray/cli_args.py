@@ -1,18 +1,21 @@
 """The ``aapo`` subcommands' arguments: one parser per command, built from light modules only (argparse,
 pydantic for ``serve``'s options, the benchmark table for ``eval``), so that ``aapo CMD --help`` and a
 mistyped flag answer at once. What runs a command is named in :data:`aapo_ray.commands.COMMANDS` and
-imported by :mod:`aapo_ray.cli` only after its arguments parsed."""
+imported by :mod:`aapo_ray.cli` only after its arguments parsed, and (``config_source``) after the config
+they name validated, so a mistyped config key fails as fast."""
 
 from __future__ import annotations
 
 import argparse
 import types
 import typing
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel
 
 from aapo_ray.commands import help_line
+from aapo_ray.config import ConfigError
 from aapo_ray.eval_sets import BENCHMARKS, MAX_SAMPLES
 from aapo_ray.serve_options import DeploymentOptions, ServeOptions
 
@@ -27,7 +30,6 @@ On a token-authenticated cluster (KubeRay authOptions.mode=token) export RAY_AUT
 RAY_AUTH_TOKEN=<the cluster's token> first; see cluster/README.md."""
 
 
-
 def add_parsers(sub) -> None:
     """Every ``aapo`` subcommand, in :data:`~aapo_ray.commands.COMMANDS`' order."""
     add_train_parsers(sub)
@@ -39,6 +41,23 @@ def add_parsers(sub) -> None:
 
 
 # ----------------------------------------------------------------------------- train, check-config, warmstart
+def config_source(args: argparse.Namespace) -> tuple[str | Path | None, list[str]]:
+    """The config file and dotted overrides a ``train``, ``check-config`` or ``reference build`` command line
+    names: ``--resume RUN_DIR`` reads the run's ``config.yaml``; ``--address`` and ``--keep-roles`` are
+    overrides. Raises :class:`~aapo_ray.config.ConfigError`."""
+    overrides = list(args.overrides)
+    if getattr(args, "address", None):
+        overrides.append(f"ray.address={args.address}")
+    if getattr(args, "keep_roles", False):
+        overrides.append("ray.keep_roles=true")
+    config_path = args.config
+    if getattr(args, "resume", None) and not config_path:
+        config_path = Path(args.resume) / "config.yaml"
+        if not config_path.exists():
+            raise ConfigError(f"--resume {args.resume}: no config.yaml there; is it a run directory?")
+    return config_path, overrides
+
+
 def add_train_parser(sub) -> argparse.ArgumentParser:
     """``train``: also what ``aapo submit`` parses locally before sending a job."""
     train_p = sub.add_parser("train", help=help_line("train"))
@@ -52,6 +71,7 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
                               "those an earlier run left (ray.keep_roles=true)")
     train_p.add_argument("--run-dir", help="run directory (default: run.output_dir/run.name or a time stamp)")
     train_p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    train_p.set_defaults(config_source=config_source)
     return train_p
 
 
@@ -61,6 +81,7 @@ def add_train_parsers(sub) -> None:
     check = sub.add_parser("check-config", help=help_line("check-config"))
     check.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     check.add_argument("--config")
+    check.set_defaults(config_source=config_source)
     warm = sub.add_parser("warmstart", help=help_line("warmstart"))
     warm.add_argument("--eval-n", type=int, default=500)
 
@@ -222,5 +243,6 @@ def add_reference_parser(sub) -> None:
     build.add_argument("--config", help="YAML config file (the training run's)")
     build.add_argument("--address", help="join an existing Ray cluster ('auto', ray://host:10001)")
     build.add_argument("--no-progress", action="store_true", help="no progress bar")
+    build.set_defaults(config_source=config_source)
 
 

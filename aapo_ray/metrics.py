@@ -55,8 +55,11 @@ class MetricsLogger:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
+    """The rows of ``metrics.jsonl``. A torn line is skipped: a killed run's last one, or the one a running
+    run is appending while this reads (a ~1 KB row written across a page boundary can be seen half-written)."""
     path = Path(run_dir) / "metrics.jsonl"
-    return [_parse(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    rows = [_parse(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return [row for row in rows if row]
 
 
 def plot_run(run_dir: Path, out: Path | None = None) -> Path:

@@ -38,6 +38,7 @@ import ray
 from tqdm.auto import tqdm
 
 from aapo_ray.batch_inference import BackendSampler
+from aapo_ray.cli_args import config_source
 from aapo_ray.config import Config
 from aapo_ray.launch import init_ray
 from aapo_ray.preflight import check_reference_cache, load_checked_config, load_prompts, resolve_model_path
@@ -172,7 +173,7 @@ def open_reference(cfg: Config, model_path: str, prompts: pa.RecordBatch, expect
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = load_checked_config(args.config, list(args.overrides) + ([f"ray.address={args.address}"] if args.address else []))
+    cfg = load_checked_config(*config_source(args))
     model_path = resolve_model_path(cfg)
     prompts, _ = load_prompts(cfg, model_path)
     expected = check_reference_cache(cfg, model_path, prompts)  # a mismatching cache fails before Ray starts

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from aapo_ray.config import ConfigError, dump_config
+from aapo_ray.cli_args import config_source
+from aapo_ray.config import dump_config
 from aapo_ray.driver import train
 from aapo_ray.embedded import warmstart_report
 from aapo_ray.preflight import load_checked_config
@@ -13,17 +13,7 @@ from aapo_ray.preflight import load_checked_config
 
 def resolve_train_config(args: argparse.Namespace):
     """The config a ``train`` invocation will run with (validated and checked; raises ConfigError)."""
-    overrides = list(args.overrides)
-    if args.address:
-        overrides.append(f"ray.address={args.address}")
-    if args.keep_roles:
-        overrides.append("ray.keep_roles=true")
-    config_path = args.config
-    if args.resume and not config_path:
-        config_path = Path(args.resume) / "config.yaml"
-        if not config_path.exists():
-            raise ConfigError(f"--resume {args.resume}: no config.yaml there; is it a run directory?")
-    return load_checked_config(config_path, overrides)
+    return load_checked_config(*config_source(args))
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -33,7 +23,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_check_config(args: argparse.Namespace) -> int:
-    print(dump_config(load_checked_config(args.config, args.overrides)), end="")
+    print(dump_config(load_checked_config(*config_source(args))), end="")
     return 0
 
 

@@ -61,12 +61,19 @@ def test_bad_yaml_files(tmp_path):
         load_config(bad)
 
 
-def test_cli_rejects_invalid_config_before_starting_anything():
-    proc = subprocess.run([sys.executable, "-m", "aapo_ray", "train", "algo.grup_size=3", "learner.num_learners=0"],
+@pytest.mark.parametrize("command", [["train"], ["check-config"], ["reference", "build"]])
+def test_cli_rejects_invalid_config_before_starting_or_importing_anything(command):
+    code = ("import sys; from aapo_ray.cli import main; status = main(sys.argv[1:]); "
+            "print(status, *sorted({'torch', 'transformers', 'ray', 'aapo_ray.driver'} & set(sys.modules)))")
+    proc = subprocess.run([sys.executable, "-c", code, *command, "algo.grup_size=3", "learner.num_learners=0"],
                           capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2
+    assert proc.stdout.split() == ["2"]  # exit status 2, and none of the heavy modules imported: no cluster either
     assert "did you mean 'group_size'" in proc.stderr and "learner.num_learners" in proc.stderr
-    assert "Ray" not in proc.stderr + proc.stdout  # no cluster was started
+
+
+def test_train_resume_of_a_directory_without_a_config_fails_at_once(tmp_path, capsys):
+    assert main(["train", "--resume", str(tmp_path)]) == 2
+    assert "no config.yaml there; is it a run directory?" in capsys.readouterr().err
 
 
 def test_check_config_prints_the_resolved_config(capsys):

@@ -46,6 +46,13 @@ def steps_of(run_dir):
     return [r["step"] for r in read_metrics(run_dir)]
 
 
+def test_a_torn_last_line_is_not_a_row(tmp_path):
+    """What a test polling a running run's log (as below) or a user's script can read: the line being appended,
+    half-written. Such a read once failed this file's kill test with ``KeyError: 'step'``."""
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0, "reward_mean": 0.5}\n{"step": 1, "reward_mean": 0.25}\n{"step": 2, "rew')
+    assert steps_of(tmp_path) == [0, 1]
+
+
 def ray_children(name):
     """This test session's own Ray worker processes running actor class ``name``."""
     found = []
