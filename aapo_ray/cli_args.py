@@ -2,20 +2,19 @@
 pydantic for ``serve``'s options, the benchmark table for ``eval``), so that ``aapo CMD --help`` and a
 mistyped flag answer at once. What runs a command is named in :data:`aapo_ray.commands.COMMANDS` and
 imported by :mod:`aapo_ray.cli` only after its arguments parsed, and (``config_source``) after the config
-they name validated, so a mistyped config key fails as fast."""
+they name validated (:func:`aapo_ray.config.config_source`), so a mistyped config key fails as fast."""
 
 from __future__ import annotations
 
 import argparse
 import types
 import typing
-from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel
 
 from aapo_ray.commands import help_line
-from aapo_ray.config import ConfigError
+from aapo_ray.config import config_source
 from aapo_ray.eval_sets import BENCHMARKS, MAX_SAMPLES
 from aapo_ray.serve_options import DeploymentOptions, ServeOptions
 
@@ -41,23 +40,6 @@ def add_parsers(sub) -> None:
 
 
 # ----------------------------------------------------------------------------- train, check-config, warmstart
-def config_source(args: argparse.Namespace) -> tuple[str | Path | None, list[str]]:
-    """The config file and dotted overrides a ``train``, ``check-config`` or ``reference build`` command line
-    names: ``--resume RUN_DIR`` reads the run's ``config.yaml``; ``--address`` and ``--keep-roles`` are
-    overrides. Raises :class:`~aapo_ray.config.ConfigError`."""
-    overrides = list(args.overrides)
-    if getattr(args, "address", None):
-        overrides.append(f"ray.address={args.address}")
-    if getattr(args, "keep_roles", False):
-        overrides.append("ray.keep_roles=true")
-    config_path = args.config
-    if getattr(args, "resume", None) and not config_path:
-        config_path = Path(args.resume) / "config.yaml"
-        if not config_path.exists():
-            raise ConfigError(f"--resume {args.resume}: no config.yaml there; is it a run directory?")
-    return config_path, overrides
-
-
 def add_train_parser(sub) -> argparse.ArgumentParser:
     """``train``: also what ``aapo submit`` parses locally before sending a job."""
     train_p = sub.add_parser("train", help=help_line("train"))

@@ -324,6 +324,23 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
     return validate(apply_overrides(raw, list(overrides)))
 
 
+def config_source(args) -> tuple[str | Path | None, list[str]]:
+    """The config file and dotted overrides an ``aapo train``, ``check-config`` or ``reference build`` command
+    line (its parsed ``argparse`` namespace) names: ``--resume RUN_DIR`` reads the run's ``config.yaml``;
+    ``--address`` and ``--keep-roles`` are overrides. Raises :class:`ConfigError`."""
+    overrides = list(args.overrides)
+    if getattr(args, "address", None):
+        overrides.append(f"ray.address={args.address}")
+    if getattr(args, "keep_roles", False):
+        overrides.append("ray.keep_roles=true")
+    config_path = args.config
+    if getattr(args, "resume", None) and not config_path:
+        config_path = Path(args.resume) / "config.yaml"
+        if not config_path.exists():
+            raise ConfigError(f"--resume {args.resume}: no config.yaml there; is it a run directory?")
+    return config_path, overrides
+
+
 def dump_config(cfg: Config) -> str:
     """The resolved config as YAML (written into every run directory): estimator defaults are
     written out (``algo.loss_agg: null`` becomes the value that ran), so the file reloads as is."""

@@ -38,8 +38,7 @@ import ray
 from tqdm.auto import tqdm
 
 from aapo_ray.batch_inference import BackendSampler
-from aapo_ray.cli_args import config_source
-from aapo_ray.config import Config
+from aapo_ray.config import Config, config_source
 from aapo_ray.launch import init_ray
 from aapo_ray.preflight import check_reference_cache, load_checked_config, load_prompts, resolve_model_path
 from aapo_ray.reference_cache import ReferenceCache, cache_dir, check_manifest, shard_name, write_manifest

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from aapo_ray.cli_args import config_source
-from aapo_ray.config import dump_config
+from aapo_ray.config import config_source, dump_config
 from aapo_ray.driver import train
 from aapo_ray.embedded import warmstart_report
 from aapo_ray.preflight import load_checked_config
