@@ -68,7 +68,6 @@ def add_train_parsers(sub) -> None:
     warm.add_argument("--eval-n", type=int, default=500)
 
 
-
 # ----------------------------------------------------------------------------- serve
 def _add_fields(parser: argparse.ArgumentParser, model: type[BaseModel], skip: tuple[str, ...] = ()) -> None:
     """One ``--flag-name`` per field of ``model``: type, default, choices and help from the field."""
@@ -102,8 +101,6 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     _add_fields(p, DeploymentOptions, skip=("model",))
     _add_fields(p, ServeOptions, skip=("api_key_sha256",))
     return p
-
-
 
 
 # ----------------------------------------------------------------------------- submit
@@ -226,5 +223,3 @@ def add_reference_parser(sub) -> None:
     build.add_argument("--address", help="join an existing Ray cluster ('auto', ray://host:10001)")
     build.add_argument("--no-progress", action="store_true", help="no progress bar")
     build.set_defaults(config_source=config_source)
-
-
