@@ -31,7 +31,8 @@ from aapo_ray.checkpoint import STATE, complete_checkpoints, resolve_model_dir
 from aapo_ray.config import DataConfig, load_config
 from aapo_ray.data import render_prompts
 from aapo_ray.eval_metrics import benchmark_metrics, paper_table
-from aapo_ray.eval_pipeline import SCORED_SCHEMA, build_dataset
+from aapo_ray.eval_pipeline import build_dataset
+from aapo_ray.eval_stages import SCORED_SCHEMA
 from aapo_ray.eval_sets import BENCHMARKS, MAX_SAMPLES, PAPER_PROTOCOL, PAPER_SETS, EvalInputError, load_eval_set, parse_benchmarks
 from aapo_ray.launch import init_ray
 from aapo_ray.metrics import save_figure

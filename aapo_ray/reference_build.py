@@ -43,7 +43,7 @@ from aapo_ray.launch import init_ray
 from aapo_ray.preflight import check_reference_cache, load_checked_config, load_prompts, resolve_model_path
 from aapo_ray.reference_cache import ReferenceCache, cache_dir, check_manifest, shard_name, write_manifest
 from aapo_ray.sampling import problem_seed
-from aapo_ray.scorer import RewardScorer
+from aapo_ray.scorer import ScoreShard
 
 log = logging.getLogger(__name__)
 SHARD_SCHEMA = pa.schema([("shard", pa.int64()), ("prompt_id", pa.int64()), ("sample_index", pa.int32()),
@@ -76,18 +76,6 @@ class SampleShard(BackendSampler):
             "length": pa.array([len(t) for c in done for t in c.token_ids], pa.int32()),
             "finish_reason": [r for c in done for r in c.finish_reasons],
             "seed": pa.array(np.asarray(seeds, dtype=np.int64)[rows])}, schema=SHARD_SCHEMA)
-
-
-class ScoreShard:
-    """Ray Data callable class: the training scorer's ``reward/<fn>`` and ``reward`` columns."""
-
-    def __init__(self, cfg: Config):
-        self.scorer = RewardScorer(cfg)
-
-    def __call__(self, block: pa.Table) -> pa.Table:
-        scored, _ = self.scorer.score(block.combine_chunks().to_batches()[0] if block.num_rows else
-                                      pa.RecordBatch.from_pylist([], schema=block.schema))
-        return pa.Table.from_batches([scored])
 
 
 def build_reference_cache(cfg: Config, model_path: str, prompts: pa.RecordBatch, expected: dict, *,

@@ -89,3 +89,17 @@ class ScorerPool:
         """Hand the scorers back to their source (fresh ones are killed)."""
         self.source.release(self.actors)
         self.actors = []
+
+
+class ScoreShard:
+    """Ray Data callable class of the reference build (:mod:`aapo_ray.reference_build`): the training
+    scorer's ``reward/<fn>`` and ``reward`` columns on a shard of reference samples. It lives here, not
+    with the build, so that its actors import no torch."""
+
+    def __init__(self, cfg: Config):
+        self.scorer = RewardScorer(cfg)
+
+    def __call__(self, block: pa.Table) -> pa.Table:
+        scored, _ = self.scorer.score(block.combine_chunks().to_batches()[0] if block.num_rows else
+                                      pa.RecordBatch.from_pylist([], schema=block.schema))
+        return pa.Table.from_batches([scored])

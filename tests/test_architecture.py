@@ -152,6 +152,19 @@ def test_the_cli_imports_only_the_command_it_runs():
     assert "aapo_ray.serve" in serve and "aapo_ray.driver" not in serve
 
 
+def test_scorer_actors_import_no_torch():
+    """Ray starts an actor by importing the module of its class: the CPU scorers of training, of ``aapo eval``
+    and of the reference build must not sit in a module that imports torch (~1.5 CPU-s and ~0.3 GB each)."""
+    from aapo_ray.eval_pipeline import Score
+    from aapo_ray.reference_build import ScoreShard
+    from aapo_ray.scorer import RewardScorer
+
+    for cls in (RewardScorer, Score, ScoreShard):
+        code = f"import sys, {cls.__module__}; print(' '.join(sorted(sys.modules)))"
+        loaded = set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split())
+        assert not {"torch", "transformers"} & loaded, cls.__qualname__
+
+
 
 _RUN_WITH = """
 import aapo_ray.cli as cli
