@@ -1,4 +1,10 @@
-"""End to end on a real local Ray cluster: a short run, its run directory, and exact resume."""
+"""End to end on a real local Ray cluster: a short run, its run directory, and exact resume.
+
+The runs here keep their roles (``ray.keep_roles``): the first starts fresh actors, the later ones re-initialise
+them in place, as a user's repeated runs on a kept cluster do, instead of paying a process start and torch's
+imports per role and run (~20 CPU-s each time). The default layout (fresh, co-located processes) is run by
+tests/test_colocation.py, tests/test_faults.py and the ``aapo train`` processes of tests/test_driver_faults.py;
+a reused run equal to a fresh one is tests/test_kept_roles.py's."""
 
 import json
 
@@ -9,6 +15,7 @@ from aapo_ray.config import load_config
 from aapo_ray.driver import train
 from aapo_ray.embedded import read_recipe, weights_sha256
 from aapo_ray.metrics import read_metrics, summary
+from test_kept_roles import kill_kept
 
 TRAIN_KEYS = ["reward_mean", "accuracy_mean", "zero_variance_group_frac", "zero_advantage_frac",
               "margin_mean", "completion_len_mean", "learner/loss", "learner/grad_norm"]
@@ -18,9 +25,18 @@ def small_config(model_path, tmp_path, **extra):
     overrides = {
         "model.path": model_path, "run.output_dir": str(tmp_path), "run.steps": 4, "run.save_every": 2,
         "run.eval_every": 1, "run.eval_from": 2, "rollout.prompts_per_step": 4, "algo.group_size": 4, "rollout.max_new_tokens": 16,
-        "data.eval": "synthetic:test:16", "learner.lr": 1e-3, "learner.micro_batch_size": 8, **extra,
+        "data.eval": "synthetic:test:16", "learner.lr": 1e-3, "learner.micro_batch_size": 8, "ray.keep_roles": True,
+        **extra,
     }
     return load_config(None, [f"{k}={v}" for k, v in overrides.items()])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kept_roles_of_this_module(ray_cluster):
+    """The first run starts fresh actors; the module's kept actors are gone after it."""
+    kill_kept()
+    yield
+    kill_kept()
 
 
 @pytest.fixture(scope="module")
