@@ -26,7 +26,10 @@ def small_config(model_path, tmp_path, **extra):
         "model.path": model_path, "run.output_dir": str(tmp_path), "run.steps": 4, "run.save_every": 2,
         "run.eval_every": 1, "run.eval_from": 2, "rollout.prompts_per_step": 4, "algo.group_size": 4, "rollout.max_new_tokens": 16,
         "data.eval": "synthetic:test:16", "learner.lr": 1e-3, "learner.micro_batch_size": 8, "ray.keep_roles": True,
-        **extra,
+        # one thread, as the default co-located learner has: kept roles are separate processes, where the learner
+        # would take both cores, and next to the other test worker its two OpenMP threads waited on each other
+        # (steps of 15-34 s instead of 0.1 s in one suite run)
+        "learner.torch_threads": 1, **extra,
     }
     return load_config(None, [f"{k}={v}" for k, v in overrides.items()])
 
