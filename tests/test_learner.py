@@ -1,5 +1,8 @@
 """DeepSpeed learners on a real local Ray cluster (gloo, CPU): split invariance against a plain
-torch update, weight export into a generator-side model, checkpoint resume, clear errors."""
+torch update, weight export into a generator-side model, checkpoint resume, clear errors.
+
+The single-rank groups take their learner from ``KeptRoles`` (as ``ray.keep_roles`` runs do): the first starts
+a process, the later ones re-initialise it with their own config; multi-rank groups always start fresh."""
 
 import os
 import time
@@ -10,7 +13,9 @@ import torch
 
 from aapo_ray.algo import aapo_loss, get_estimator, grpo_loss, token_logprobs
 from aapo_ray.config import AlgoConfig, Config, LearnerConfig, RolloutConfig, RunConfig
+from aapo_ray.kept_roles import KeptRoles
 from aapo_ray.rollout import learner_batch, make_rollout_batch, padded_tensors, with_columns
+from test_kept_roles import kill_kept
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -118,6 +123,13 @@ def assert_params_close(a, b, atol):
     assert worst <= atol, f"max parameter difference {worst:.3g} > {atol}"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def kept_learner_of_this_module(ray_cluster):
+    kill_kept()
+    yield
+    kill_kept()
+
+
 @pytest.fixture(scope="module")
 def group1(ray_cluster, model_dir):
     """2 learners, ZeRO-1, 2 micro-batches each (3 + 1 rows); trained one step on batch 0."""
@@ -147,7 +159,8 @@ def test_two_learners_zero1_match_one_learner_and_torch(ray_cluster, model_dir, 
     assert_params_close(group1.params, ref, atol=1e-5)
     cores = min(len(os.sched_getaffinity(0)), 8)  # the test cluster has 8 logical CPUs
     assert group1.torch_threads == [max(1, cores // 2)] * 2  # the node's cores, shared by its 2 ranks
-    with LearnerGroup(make_cfg(1, 1), model_dir) as single:  # 1 rank, 3 micro-batches (3 + 3 + 2)
+    # 1 rank, 3 micro-batches (3 + 3 + 2)
+    with LearnerGroup(make_cfg(1, 1), model_dir, source=KeptRoles()) as single:
         metrics = single.train_step(batch, denominator(batch))
         assert single.torch_threads == [cores] and metrics["torch_threads"] == cores  # more threads, same result
         assert metrics["grad_norm"] == pytest.approx(ref_norm, rel=1e-5)
@@ -204,7 +217,7 @@ def test_grpo_with_kl_two_steps_match_torch(ray_cluster, model_dir):
     cfg.algo.estimator, cfg.algo.kl_beta = "grpo", 0.5
     batches = [make_batch(0), make_batch(1)]
     ref, _, _ = reference_update(model_dir, cfg, batches[0], batches[1:])
-    with LearnerGroup(cfg, model_dir) as group:
+    with LearnerGroup(cfg, model_dir, source=KeptRoles()) as group:
         for b in batches:
             group.train_step(b, denominator(b))
         assert_params_close(exported_params(group, model_dir), ref, atol=1e-5)
@@ -225,7 +238,7 @@ def test_loss_weight_column_two_learners_match_one_learner_and_torch(ray_cluster
     plain, _, _ = reference_update(model_dir, make_cfg(2, 1), batch.drop_columns(["loss_weight"]))
     assert max((plain[k] - ref[k]).abs().max().item() for k in ref) > 1e-4  # the weights change the update
     for learners in (2, 1):
-        with LearnerGroup(make_cfg(learners, 1), model_dir) as group:
+        with LearnerGroup(make_cfg(learners, 1), model_dir, source=KeptRoles()) as group:
             metrics = group.train_step(batch, d)
             assert metrics["loss"] == pytest.approx(ref_loss, rel=1e-5)
             assert metrics["grad_norm"] == pytest.approx(ref_norm, rel=1e-5)
