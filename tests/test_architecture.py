@@ -154,7 +154,7 @@ def test_the_cli_imports_only_the_command_it_runs():
 
 def test_scorer_actors_import_no_torch():
     """Ray starts an actor by importing the module of its class: the CPU scorers of training, of ``aapo eval``
-    and of the reference build must not sit in a module that imports torch (~1.5 CPU-s and ~0.3 GB each)."""
+    and of the reference build must not sit in a module that imports torch (~3 CPU-s and ~0.2 GB each: benchmarks/README)."""
     from aapo_ray.eval_pipeline import Score
     from aapo_ray.reference_build import ScoreShard
     from aapo_ray.scorer import RewardScorer
@@ -163,7 +163,6 @@ def test_scorer_actors_import_no_torch():
         code = f"import sys, {cls.__module__}; print(' '.join(sorted(sys.modules)))"
         loaded = set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split())
         assert not {"torch", "transformers"} & loaded, cls.__qualname__
-
 
 
 _RUN_WITH = """

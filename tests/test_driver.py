@@ -27,8 +27,8 @@ def small_config(model_path, tmp_path, **extra):
         "run.eval_every": 1, "run.eval_from": 2, "rollout.prompts_per_step": 4, "algo.group_size": 4, "rollout.max_new_tokens": 16,
         "data.eval": "synthetic:test:16", "learner.lr": 1e-3, "learner.micro_batch_size": 8, "ray.keep_roles": True,
         # one thread, as the default co-located learner has: kept roles are separate processes, where the learner
-        # would take both cores, and next to the other test worker its two OpenMP threads waited on each other
-        # (steps of 15-34 s instead of 0.1 s in one suite run)
+        # takes both cores; beside the other test worker's load its steps took 15-34 s instead of 0.1 s (one suite
+        # run; two threads on a core that is busy elsewhere wait on each other)
         "learner.torch_threads": 1, **extra,
     }
     return load_config(None, [f"{k}={v}" for k, v in overrides.items()])
