@@ -31,8 +31,8 @@ import yaml
 from ray.job_submission import JobSubmissionClient
 
 from aapo_ray.cli_args import add_train_parser
-from aapo_ray.config import ConfigError
-from aapo_ray.train_cli import resolve_train_config
+from aapo_ray.config import ConfigError, config_source
+from aapo_ray.preflight import load_checked_config
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
@@ -79,7 +79,7 @@ def check_train_command(argv: list[str], *, working_dir: str | None = None, vali
             if value and not Path(value).is_absolute():
                 setattr(local, attr, str(Path(working_dir) / value))
     try:
-        cfg = resolve_train_config(local)
+        cfg = load_checked_config(*config_source(local))
     except ConfigError as exc:
         hint = ("\n  (a --config/--resume path that exists only on the cluster: add --no-validate)"
                 if "does not exist" in str(exc) or "no config.yaml" in str(exc) else "")

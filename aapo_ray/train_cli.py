@@ -10,13 +10,8 @@ from aapo_ray.embedded import warmstart_report
 from aapo_ray.preflight import load_checked_config
 
 
-def resolve_train_config(args: argparse.Namespace):
-    """The config a ``train`` invocation will run with (validated and checked; raises ConfigError)."""
-    return load_checked_config(*config_source(args))
-
-
 def run_train(args: argparse.Namespace) -> int:
-    cfg = resolve_train_config(args)
+    cfg = load_checked_config(*config_source(args))
     train(cfg, run_dir=args.resume or args.run_dir, resume=bool(args.resume), progress=not args.no_progress)
     return 0
 

@@ -332,7 +332,8 @@ def _group_resources(cluster_spec: dict) -> dict[str, dict]:
 
 def _config_for_entrypoint(entrypoint: str):
     from aapo_ray.cli import build_parser
-    from aapo_ray.train_cli import resolve_train_config
+    from aapo_ray.config import config_source
+    from aapo_ray.preflight import load_checked_config
 
     argv = shlex.split(entrypoint)
     assert argv[0] == "aapo"
@@ -340,7 +341,7 @@ def _config_for_entrypoint(entrypoint: str):
     assert args.command == "train"
     assert args.config.startswith(IMAGE_HOME + "cluster/configs/")
     args.config = str(ROOT / args.config[len(IMAGE_HOME):])  # the image's copy of this file
-    return resolve_train_config(args)
+    return load_checked_config(*config_source(args))
 
 
 def test_rayjob_entrypoint_parses_and_resolves(overlay):
