@@ -15,7 +15,7 @@ from pydantic import BaseModel
 
 from aapo_ray.commands import help_line
 from aapo_ray.config import config_source
-from aapo_ray.eval_sets import BENCHMARKS, MAX_SAMPLES
+from aapo_ray.eval_sets import BENCHMARKS, EVAL_DEFAULTS, MAX_SAMPLES, PAPER_PROTOCOL
 from aapo_ray.serve_options import DeploymentOptions, ServeOptions
 
 SUBMIT_EXAMPLES = """\
@@ -165,6 +165,13 @@ at the context left after its prompt (with a warning). ``--protocol paper``: see
 :mod:`aapo_ray.eval_sets`; flags given explicitly override it."""
 
 
+def _settings(protocol: dict) -> str:
+    """``T=0.6, top_p=0.95, 1024 new tokens, 4 samples``: the sampling settings of ``protocol``."""
+    samples = protocol["samples"]
+    return (f"T={protocol['temperature']}, top_p={protocol['top_p']}, {protocol['max_new_tokens']} new tokens, "
+            f"{samples} sample{'s' if samples != 1 else ''}")
+
+
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("eval", help=help_line("eval"),
                               description=EVAL_DESCRIPTION,
@@ -179,8 +186,8 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
                                             f"(default: all six; paper protocol: the paper's five)")
     which.add_argument("--limit", type=int, help="first N problems of each set")
     which.add_argument("--protocol", choices=("paper", "custom"), default="custom",
-                       help="paper: T=0.6, top_p=0.95, 3584 new tokens, 1 sample, the paper's five sets")
-    samp = p.add_argument_group("sampling (defaults: T=0.6, top_p=0.95, 1024 new tokens, 4 samples)")
+                       help=f"paper: {_settings(PAPER_PROTOCOL)}, the paper's five sets")
+    samp = p.add_argument_group(f"sampling (defaults: {_settings(EVAL_DEFAULTS)})")
     samp.add_argument("--samples", "-k", type=int, help=f"samples per problem k (1..{MAX_SAMPLES})")
     samp.add_argument("--temperature", type=float)
     samp.add_argument("--top-p", dest="top_p", type=float)

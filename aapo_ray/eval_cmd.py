@@ -33,7 +33,8 @@ from aapo_ray.data import render_prompts
 from aapo_ray.eval_metrics import benchmark_metrics, paper_table
 from aapo_ray.eval_pipeline import build_dataset
 from aapo_ray.eval_stages import SCORED_SCHEMA
-from aapo_ray.eval_sets import BENCHMARKS, MAX_SAMPLES, PAPER_PROTOCOL, PAPER_SETS, EvalInputError, load_eval_set, parse_benchmarks
+from aapo_ray.eval_sets import (BENCHMARKS, EVAL_DEFAULTS, MAX_SAMPLES, PAPER_PROTOCOL, PAPER_SETS, EvalInputError,
+                                load_eval_set, parse_benchmarks)
 from aapo_ray.launch import init_ray
 from aapo_ray.metrics import save_figure
 from aapo_ray.preflight import resolve_model_path
@@ -41,8 +42,6 @@ from aapo_ray.sampling import problem_seed
 from aapo_ray.synthetic import PROMPT_TEMPLATE
 
 log = logging.getLogger(__name__)
-DEFAULTS = {"temperature": 0.6, "top_p": 0.95, "max_new_tokens": 1024, "samples": 4,
-            "benchmarks": ",".join(PAPER_SETS + ("gsm8k",))}
 OUT_SCHEMA = pa.schema([pa.field("model", pa.string())] + list(SCORED_SCHEMA))
 WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "model*.bin")
 
@@ -50,10 +49,10 @@ WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "model*.bin")
 # ----------------------------------------------------------------------------- what to evaluate
 def settings_from(args: argparse.Namespace) -> dict:
     """Sampling settings: explicit flags, else the protocol's, else the defaults; validated."""
-    base = PAPER_PROTOCOL if args.protocol == "paper" else DEFAULTS
-    s = {key: getattr(args, key) if getattr(args, key) is not None else base[key] for key in DEFAULTS}
+    base = PAPER_PROTOCOL if args.protocol == "paper" else EVAL_DEFAULTS
+    s = {key: getattr(args, key) if getattr(args, key) is not None else base[key] for key in EVAL_DEFAULTS}
     if args.protocol == "paper":
-        for key in DEFAULTS:
+        for key in EVAL_DEFAULTS:
             if getattr(args, key) is not None and getattr(args, key) != PAPER_PROTOCOL[key]:
                 log.warning("--%s %s overrides the paper protocol's %s", key.replace("_", "-"), getattr(args, key),
                             PAPER_PROTOCOL[key])

@@ -61,6 +61,8 @@ PAPER_SETS = ("aime24", "math500", "amc23", "minerva", "olympiadbench")
 ALL_SETS = PAPER_SETS + ("gsm8k",)
 PAPER_PROTOCOL = {"temperature": 0.6, "top_p": 0.95, "max_new_tokens": 3584, "samples": 1,
                   "benchmarks": ",".join(PAPER_SETS)}
+#: ``aapo eval``'s settings where neither a flag nor ``--protocol paper`` sets them
+EVAL_DEFAULTS = {"temperature": 0.6, "top_p": 0.95, "max_new_tokens": 1024, "samples": 4, "benchmarks": ",".join(ALL_SETS)}
 USER_FIELDS = ("problem", "answer")
 MAX_SAMPLES = 1024  # largest k of ``aapo eval --samples``
 
