@@ -68,6 +68,16 @@ def ray_cluster():
     shutdown_ray()
 
 
+@pytest.fixture(scope="module")
+def kept_roles_cleared(ray_cluster):
+    """For a module whose runs keep their roles (``ray.keep_roles``): no kept actor before it, none left after it."""
+    from test_kept_roles import kill_kept
+
+    kill_kept()
+    yield
+    kill_kept()
+
+
 @pytest.fixture(scope="session")
 def tiny_model_path(tmp_path_factory):
     """The embedded model's recipe with a 40-step warm start: a real tokenizer + Llama, built in seconds."""

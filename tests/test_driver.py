@@ -15,7 +15,8 @@ from aapo_ray.config import load_config
 from aapo_ray.driver import train
 from aapo_ray.embedded import read_recipe, weights_sha256
 from aapo_ray.metrics import read_metrics, summary
-from test_kept_roles import kill_kept
+
+pytestmark = pytest.mark.usefixtures("kept_roles_cleared")  # the first run starts fresh actors
 
 TRAIN_KEYS = ["reward_mean", "accuracy_mean", "zero_variance_group_frac", "zero_advantage_frac",
               "margin_mean", "completion_len_mean", "learner/loss", "learner/grad_norm"]
@@ -32,14 +33,6 @@ def small_config(model_path, tmp_path, **extra):
         "learner.torch_threads": 1, **extra,
     }
     return load_config(None, [f"{k}={v}" for k, v in overrides.items()])
-
-
-@pytest.fixture(scope="module", autouse=True)
-def kept_roles_of_this_module(ray_cluster):
-    """The first run starts fresh actors; the module's kept actors are gone after it."""
-    kill_kept()
-    yield
-    kill_kept()
 
 
 @pytest.fixture(scope="module")

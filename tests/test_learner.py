@@ -15,9 +15,8 @@ from aapo_ray.algo import aapo_loss, get_estimator, grpo_loss, token_logprobs
 from aapo_ray.config import AlgoConfig, Config, LearnerConfig, RolloutConfig, RunConfig
 from aapo_ray.kept_roles import KeptRoles
 from aapo_ray.rollout import learner_batch, make_rollout_batch, padded_tensors, with_columns
-from test_kept_roles import kill_kept
 
-pytestmark = pytest.mark.filterwarnings("ignore")
+pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.usefixtures("kept_roles_cleared")]
 
 VOCAB, PAD, EOS = 64, 0, 1
 PROMPTS, GROUP = 4, 2  # 8 rows per step: 4 per learner with 2 learners
@@ -121,13 +120,6 @@ def assert_params_close(a, b, atol):
     assert a.keys() == b.keys()
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
     assert worst <= atol, f"max parameter difference {worst:.3g} > {atol}"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def kept_learner_of_this_module(ray_cluster):
-    kill_kept()
-    yield
-    kill_kept()
 
 
 @pytest.fixture(scope="module")
