@@ -19,7 +19,7 @@ Checked elsewhere, not repeated here:
 - pickle-only weights refused unless ``allow_pickle=True`` (and equal weights when allowed):
   ``tests/test_models.py::test_pickle_only_weights_refused_unless_allowed``;
 - the API key is required and never echoed: ``tests/test_serve.py::test_api_key``;
-  ``aapo serve`` defaults to ``--host 127.0.0.1``: ``tests/test_serve.py::test_cli_defaults_and_bad_path``.
+  ``aapo serve`` defaults to ``--host 127.0.0.1``: ``tests/test_serve_offline.py::test_cli_defaults_and_bad_path``.
 """
 
 from __future__ import annotations
