@@ -19,7 +19,7 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
 from aapo_ray.models import eos_token_ids, load_model_and_tokenizer
-from aapo_ray.sampling import Completions, SamplingParams, TokenScores, apply_stop, row_seeds
+from aapo_ray.sampling import Completions, SamplingParams, TokenScores, decode_rows, row_seeds
 from aapo_ray.sglang_backend import SGLangBackend
 from aapo_ray.weights import load_weight_buckets
 
@@ -70,18 +70,8 @@ class HFBackend:
         return self.completions(rows, params.stop)
 
     def completions(self, generated: list, stop: tuple[str, ...] = ()) -> Completions:
-        """Sampled token rows as :class:`Completions`: each cut after its first EOS, decoded, cut at the
-        first ``stop`` string (what ``generate`` returns; the continuous-batching engine's rows too)."""
-        rows, reasons = [], []
-        for row in generated:
-            row = np.asarray(row, dtype=np.int64)
-            eos = np.flatnonzero(np.isin(row, self.eos_ids))
-            rows.append(row[:eos[0] + 1 if len(eos) else len(row)].astype(np.int32))
-            reasons.append("stop" if len(eos) else "length")
-        texts = self.tokenizer.batch_decode(rows, skip_special_tokens=True)
-        if stop:
-            rows, texts, reasons = apply_stop(rows, texts, reasons, stop, self.tokenizer)
-        return Completions(rows, texts, reasons)
+        """Sampled token rows as :class:`Completions` (:func:`~aapo_ray.sampling.decode_rows`)."""
+        return decode_rows(generated, self.eos_ids, self.tokenizer, stop)
 
     def generation_config(self, params: SamplingParams) -> GenerationConfig:
         """Every setting that shapes sampling, explicit: temperature and top-p only (no top-k)."""

@@ -39,6 +39,21 @@ class TokenScores:
     top_logprobs: np.ndarray
 
 
+def decode_rows(generated: list, eos_ids, tokenizer, stop: tuple[str, ...] = ()) -> Completions:
+    """Sampled token rows as :class:`Completions`: each cut after its first EOS, decoded, cut at the first
+    ``stop`` string (what every backend's ``generate`` returns, and Serve's continuous rows)."""
+    rows, reasons = [], []
+    for row in generated:
+        row = np.asarray(row, dtype=np.int64)
+        eos = np.flatnonzero(np.isin(row, list(eos_ids)))
+        rows.append(row[:eos[0] + 1 if len(eos) else len(row)].astype(np.int32))
+        reasons.append("stop" if len(eos) else "length")
+    texts = tokenizer.batch_decode(rows, skip_special_tokens=True)
+    if stop:
+        rows, texts, reasons = apply_stop(rows, texts, reasons, stop, tokenizer)
+    return Completions(rows, texts, reasons)
+
+
 def apply_stop(rows, texts, reasons, stops, tokenizer):
     """Cut texts at the first stop string (re-tokenising the kept text for the ids)."""
     for i, text in enumerate(texts):

@@ -36,8 +36,9 @@ class ServeOptions(BaseModel):
     allow_pickle: bool = Field(False, description="load .bin (pickle) weights")
     torch_threads: int = Field(1, ge=1, description="torch threads per replica")
     batching: Literal["continuous", "grouped"] = Field(
-        "continuous", description="continuous (hf): every row joins and leaves one running batch at each decoding "
-        "step; grouped: @serve.batch batches, one generate call per distinct sampling params (sglang: always)")
+        "continuous", description="continuous: every row joins and leaves one running batch at each decoding "
+        "step (sglang: a row per async_generate, batched by its scheduler); grouped: @serve.batch batches, one "
+        "generate call per distinct sampling params")
     generation_batch_size: int = Field(64, ge=1, description="rows per hf generate call or continuous-batching step")
     kv_cache_tokens: Optional[int] = Field(None, ge=1, description="continuous batching's KV cache, in tokens "
                                            "(default: generation_batch_size x the context, at most 262144)")

@@ -4,11 +4,12 @@ GPU-only and unverified here). Routes: ``POST /v1/completions``, ``POST /v1/chat
 (both with ``stream: true`` as server-sent events), ``GET /v1/models``, ``GET /health``. Log-probs
 (``logprobs``, ``top_logprobs``) and ``echo``: :mod:`aapo_ray.serve_logprobs`.
 
-Batching, ``batching: continuous`` (the ``hf`` default): every row of every request joins one running
-continuous batch (transformers' engine, :mod:`aapo_ray.serve_continuous`) the moment it is validated
-and leaves it when it ends, whatever its sampling settings; each row streams its own tokens, and a
-request that times out or whose client goes away has its rows dropped from the engine at the next
-step. ``batching: grouped`` (and ``sglang``): every request goes through ``@serve.batch`` (an
+Batching, ``batching: continuous`` (the default): every row of every request joins one running
+continuous batch (``hf``: transformers' engine; ``sglang``: SGLang's scheduler, each row its own
+``async_generate``; :mod:`aapo_ray.serve_continuous`) the moment it is validated and leaves it when it
+ends, whatever its sampling settings; each row streams its own tokens (``sglang``: its text in one chunk
+when it ends), and a request that times out or whose client goes away has its rows dropped from the
+engine at the next step. ``batching: grouped``: every request goes through ``@serve.batch`` (an
 async-generator batch handler); inside a batch, requests are grouped by identical sampling
 parameters (the seed aside) and each group is one ``backend.generate`` call, streamed through a batched streamer
 (``hf``; ``sglang``: a stream gets its text in one chunk when generation ends);
@@ -186,8 +187,9 @@ class OpenAIServer:
         self.batched = serve.batch(max_batch_size=o.max_batch_size,
                                    batch_wait_timeout_s=o.batch_wait_timeout_s)(self._run_batch)
         self.continuous = None
-        if o.batching == "continuous" and isinstance(self.backend, HFBackend):
-            engine = continuous_engine(self.backend, o.generation_batch_size, o.kv_cache_tokens)
+        if o.batching == "continuous":  # hf: transformers' engine; sglang: its own scheduler, a row per call
+            engine = (continuous_engine(self.backend, o.generation_batch_size, o.kv_cache_tokens)
+                      if isinstance(self.backend, HFBackend) else self.backend.serve_rows())
             self.continuous = ContinuousJobs(self.backend, engine, self.pool, self.eos_ids)
 
     def __del__(self):  # Serve calls it when it stops the replica: stop the engine's thread

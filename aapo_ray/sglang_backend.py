@@ -19,20 +19,32 @@ a GPU in CI. What the pinned release does, and what this backend does about it:
   applied to the decoded text here, as the hf backend does.
 - ``output_ids`` include the EOS; a finish reason ``abort`` (the engine dropped the request) is never a
   completion: those rows are sampled again, and a row that keeps aborting raises.
+- Serving (:meth:`SGLangBackend.serve_rows`): SGLang batches continuously the requests that are in flight
+  together, which synchronous ``generate`` calls one at a time never are. For ``aapo serve`` the engine's
+  loop runs for good on the engine's thread and each row of each request is its own ``async_generate``
+  (:class:`SGLangRows`); a row whose reader leaves is dropped with ``tokenizer_manager.abort_request``
+  (the Engine has no abort of its own).
 """
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+import asyncio
+import contextlib
+import random
+import threading
+import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import numpy as np
 from transformers import AutoTokenizer, GenerationConfig
 
 from aapo_ray.models import eos_token_ids
-from aapo_ray.sampling import Completions, SamplingParams, apply_stop, row_seeds
+from aapo_ray.sampling import Completions, SamplingParams, apply_stop, decode_rows, row_seeds
 from aapo_ray.weights import unpack_bucket
 
 MAX_ABORT_RETRIES = 2
+LOOP_START_TIMEOUT_S = 60.0
 
 
 class SGLangError(RuntimeError):
@@ -60,6 +72,7 @@ class SGLangBackend:
                 "(with a CUDA build of torch). On CPU use rollout.backend=hf.") from exc
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
         self.deterministic = deterministic
+        self.rows: SGLangRows | None = None  # set while serving (the engine's loop runs for good)
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="sglang-engine")
         self.engine = self._call(sglang.Engine, model_path=model_path, dtype=dtype, mem_fraction_static=mem_fraction,
                                  random_seed=seed, skip_tokenizer_init=True, trust_remote_code=trust_remote_code,
@@ -68,7 +81,32 @@ class SGLangBackend:
 
     def _call(self, fn, *args, **kwargs):
         """Run ``fn`` on the engine's thread (the thread whose event loop the engine captured)."""
+        if self.rows is not None:  # that thread runs the loop now; the engine's sync methods would fail there
+            raise SGLangError(f"{getattr(fn, '__name__', fn)}: this engine is serving requests (serve_rows); "
+                              "a served checkpoint takes no weight updates")
         return self._thread.submit(fn, *args, **kwargs).result()
+
+    def _engine_generate(self, **kwargs) -> list[dict]:
+        if self.rows is None:
+            return self._call(self.engine.generate, **kwargs)
+        return asyncio.run_coroutine_threadsafe(self.engine.async_generate(**kwargs), self.engine.loop).result()
+
+    def serve_rows(self) -> SGLangRows:
+        """Turn the engine over to serving: its event loop runs for good on the engine's thread, every row
+        is an ``async_generate`` of its own (:class:`SGLangRows`), and :meth:`generate` goes through
+        ``async_generate`` too. Weight updates are refused from then on."""
+        if self.rows is None:
+            loop, running = self.engine.loop, threading.Event()
+            loop.call_soon(running.set)
+            self._thread.submit(loop.run_forever)
+            if not running.wait(LOOP_START_TIMEOUT_S):
+                raise SGLangError(f"the engine's event loop did not start within {LOOP_START_TIMEOUT_S:g}s")
+            self.rows = SGLangRows(self)
+        return self.rows
+
+    def completions(self, generated: list, stop: tuple[str, ...] = ()) -> Completions:
+        """Sampled token rows as :class:`Completions` (:func:`~aapo_ray.sampling.decode_rows`)."""
+        return decode_rows(generated, self.eos_ids, self.tokenizer, stop)
 
     def generate(self, prompt_ids: list[list[int]], params: SamplingParams, seeds: list[int] | None = None) -> Completions:
         """Sample every prompt in one engine call. ``seeds`` (one per row, deterministic mode only) replace
@@ -84,8 +122,7 @@ class SGLangBackend:
         todo, aborts = list(range(len(prompt_ids))), []
         for attempt in range(MAX_ABORT_RETRIES + 1):
             sampling = [self._sampling(params, None if seeds is None else seeds[i]) for i in todo]
-            outputs = self._call(self.engine.generate, input_ids=[list(prompt_ids[i]) for i in todo],
-                                 sampling_params=sampling)
+            outputs = self._engine_generate(input_ids=[list(prompt_ids[i]) for i in todo], sampling_params=sampling)
             aborts = []
             for i, out in zip(todo, outputs):
                 finish = out["meta_info"].get("finish_reason") or {}
@@ -158,8 +195,79 @@ class SGLangBackend:
         self._call(run)
 
     def shutdown(self) -> None:
+        if self.rows is not None:  # stop serving: the loop returns the engine's thread to _call
+            self.rows.close()
+            self.engine.loop.call_soon_threadsafe(self.engine.loop.stop)
+            self.rows = None
         self._call(self.engine.shutdown)
         self._thread.shutdown()
+
+
+@dataclass
+class RowOutput:
+    """One finished row, as Serve's continuous path reads an engine's output (``generated_tokens``,
+    ``error``, ``is_finished()``, like transformers' ``GenerationOutput``)."""
+
+    generated_tokens: list[int] = field(default_factory=list)
+    error: str | None = None
+
+    def is_finished(self) -> bool:
+        return True
+
+
+class SGLangRows:
+    """Serve's continuous batching on SGLang: each row one ``async_generate`` on the engine's running loop,
+    batched with every other row in flight by SGLang's scheduler. The interface of
+    :class:`~aapo_ray.continuous_batching.ContinuousBatcher` that :class:`~aapo_ray.serve_continuous.ContinuousJobs`
+    uses; a row's output comes once, when it ends (a stream gets its text in one chunk)."""
+
+    def __init__(self, backend: SGLangBackend):
+        self.backend, self.loop = backend, backend.engine.loop
+        self.running: dict[str, Future] = {}
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, on_output, stream: bool) -> str:
+        """Start one row (called on a running event loop: ``on_output`` runs there); returns its request id."""
+        rid, caller = uuid.uuid4().hex, asyncio.get_running_loop()
+        # deterministic mode samples an unseeded row with seed 42: every row would be the same sample
+        seed = random.getrandbits(63) if self.backend.deterministic else None
+        row = self._row(rid, list(prompt_ids), self.backend._sampling(params, seed), caller, on_output)
+        future = asyncio.run_coroutine_threadsafe(row, self.loop)
+        self.running[rid] = future
+        future.add_done_callback(lambda _: self.running.pop(rid, None))
+        return rid
+
+    async def _row(self, rid: str, prompt: list[int], sampling: dict, caller, on_output) -> None:
+        try:
+            out = await self.backend.engine.async_generate(input_ids=prompt, sampling_params=sampling, rid=rid)
+            finish = out["meta_info"].get("finish_reason") or {}
+            result = (RowOutput(error=f"sglang aborted the request: {finish.get('message', '')}")
+                      if finish.get("type") == "abort" else RowOutput(list(out["output_ids"])))
+        except Exception as exc:  # noqa: BLE001 - this row's failure, answered to its request
+            result = RowOutput(error=f"{type(exc).__name__}: {exc}")
+        caller.call_soon_threadsafe(on_output, result)
+
+    def cancel(self, rid: str) -> None:
+        """Drop a row: SGLang's scheduler stops it at its next step; it delivers nothing more."""
+        future = self.running.pop(rid, None)
+        if future is not None:
+            self.loop.call_soon_threadsafe(self._abort, rid, future)
+
+    def _abort(self, rid: str, future: Future) -> None:
+        self.backend.engine.tokenizer_manager.abort_request(rid)
+        future.cancel()
+
+    def pending_handlers(self) -> int:
+        """Rows still in flight (for leak checks)."""
+        return len(self.running)
+
+    def exclusive(self):
+        """Nothing to pause: a seeded request's ``generate`` joins the engine's batch like any other."""
+        return contextlib.nullcontext()
+
+    def close(self) -> None:
+        """Drop every row still in flight."""
+        for rid in list(self.running):
+            self.cancel(rid)
 
 
 def _generation_config(model_path: str) -> GenerationConfig | None:

@@ -23,7 +23,7 @@ import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SCHEMA = 1  # bump when read_interface's output changes: cached JSON of another schema is rebuilt
+SCHEMA = 2  # bump when read_interface's output changes: cached JSON of another schema is rebuilt
 
 # The Engine methods the fake implements and the contract test checks.
 ENGINE_METHODS = (
@@ -39,6 +39,7 @@ FIELD_ORDER_PY = "sglang/srt/arg_groups/field_order.py"
 SAMPLING_PY = "sglang/srt/sampling/sampling_params.py"
 SCHEDULE_BATCH_PY = "sglang/srt/managers/schedule_batch.py"
 WEIGHT_UPDATER_PY = "sglang/srt/managers/scheduler_components/weight_updater.py"
+TOKENIZER_MANAGER_PY = "sglang/srt/managers/tokenizer_manager.py"
 # The wheel's own platform, so the download does not depend on the interpreter running the tests.
 WHEEL_PLATFORM = ("--python-version", "3.11", "--implementation", "cp", "--abi", "cp311",
                   "--platform", "manylinux_2_34_x86_64")
@@ -231,6 +232,15 @@ def _event_loop(w: _Wheel, engine: ast.ClassDef) -> dict:
             "captured_in_init": "self.loop = self._ensure_event_loop()" in init_src}
 
 
+def _tokenizer_manager(w: _Wheel, engine: ast.ClassDef) -> dict:
+    """What aborting one ``async_generate`` request needs: ``Engine.tokenizer_manager`` set in ``__init__`` and
+    ``TokenizerManager.abort_request``'s signature (the Engine itself has no abort method)."""
+    init_src = ast.unparse(_methods(engine)["__init__"])
+    manager = _class(w.tree(TOKENIZER_MANAGER_PY), "TokenizerManager")
+    return {"assigned_in_init": "self.tokenizer_manager = tokenizer_manager" in init_src,
+            "abort_request": {**_signature(_methods(manager)["abort_request"]), "file": TOKENIZER_MANAGER_PY}}
+
+
 def read_interface(wheel: Path) -> dict:
     """The JSON-serialisable interface of the sglang wheel at ``wheel`` (no import of sglang)."""
     w = _Wheel(Path(wheel))
@@ -258,6 +268,7 @@ def read_interface(wheel: Path) -> dict:
         "finish_reasons": _finish_reasons(w),
         "weight_update_refusals": _refusals(w),
         "event_loop": _event_loop(w, engine),
+        "tokenizer_manager": _tokenizer_manager(w, engine),
     }
 
 

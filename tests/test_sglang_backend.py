@@ -121,11 +121,51 @@ def test_stop_strings_and_aborts(backend, fake_env, tiny_model_path, monkeypatch
         backend.generate(ids, SamplingParams(temperature=0.0, max_new_tokens=4))
 
 
+def test_serving_rows_are_concurrent_async_calls_and_cancelled_rows_are_aborted(fake_env, tiny_model_path):
+    """Defect 5: one synchronous generate at a time never lets SGLang batch requests as they come. Served, each
+    row is its own async_generate on the engine's running loop; a dropped row is aborted in the engine."""
+    from aapo_ray.sglang_backend import SGLangBackend, SGLangError
+
+    served = SGLangBackend(tiny_model_path, seed=3)
+    ids = prompts(tiny_model_path)
+    greedy = [SamplingParams(temperature=0.0, max_new_tokens=n) for n in (6, 12)]
+    want = [served.generate(ids[i:i + 1], params).token_ids[0].tolist() for i, params in enumerate(greedy)]
+
+    async def serve():
+        rows, loop = served.serve_rows(), asyncio.get_running_loop()
+        outputs = [loop.create_future() for _ in range(3)]
+        rids = [rows.submit(ids[i % 2], params, outputs[i].set_result, stream=False)
+                for i, params in enumerate([*greedy, SamplingParams(temperature=1.0, max_new_tokens=200)])]
+        rows.cancel(rids[2])  # its reader is gone: dropped at the engine's next step
+        done = await asyncio.gather(*outputs[:2])
+        for _ in range(100):
+            if not rows.pending_handlers():
+                break
+            await asyncio.sleep(0.05)
+        seeded = await loop.run_in_executor(None, served.generate, ids, SamplingParams(max_new_tokens=4, seed=1))
+        return rids, done, outputs[2].done(), rows.pending_handlers(), seeded
+
+    try:
+        served.engine.calls.clear()
+        rids, done, cancelled_delivered, pending, seeded = asyncio.run(serve())
+        assert [out.generated_tokens for out in done] == want and all(out.error is None for out in done)
+        assert served.completions([done[0].generated_tokens]).token_ids[0].tolist() == want[0]
+        assert not cancelled_delivered and pending == 0
+        assert rids[2] in served.engine.tokenizer_manager.aborted
+        assert len(seeded.token_ids) == 2  # generate works while serving, through async_generate
+        assert "generate" not in served.engine.calls and served.engine.calls.count("async_generate") == 4
+        with pytest.raises(SGLangError, match="serving"):
+            served.init_weight_group("127.0.0.1", 1, 1, 2, "g")  # a served checkpoint takes no weights
+    finally:
+        served.shutdown()
+
+
 def test_serve_replica_builds_the_engine_inside_a_running_loop(fake_env, tiny_model_path, monkeypatch):
     """Defect 3: Serve builds the replica inside its event loop and generates from an executor thread."""
     from ray.serve import batching
 
     from aapo_ray.serve_replica import OpenAIServer
+    from aapo_ray.sglang_backend import SGLangRows
 
     monkeypatch.setattr(batching._BatchQueue, "_warn_if_max_batch_size_exceeds_max_ongoing_requests",
                         lambda self: None)
@@ -143,8 +183,11 @@ def test_serve_replica_builds_the_engine_inside_a_running_loop(fake_env, tiny_mo
 
     async def replica():
         srv = OpenAIServer(tiny_model_path, "m", {"backend": "sglang"})  # as Serve does: inside its loop
+        assert isinstance(srv.continuous.engine, SGLangRows)  # continuous batching: SGLang's own scheduler
         try:
             response = await srv._complete(Request(), chat=False)
+            seeded = await srv._complete(Request(seed=5, n=2, temperature=1.0), chat=False)
+            assert len(json.loads(seeded.body)["choices"]) == 2
             echoed = await srv._complete(Request(echo=True, max_tokens=0), chat=False)
             with pytest.raises(APIError) as refused:  # no scoring with sglang: log-probs are refused
                 await srv._complete(Request(logprobs=1), chat=False)

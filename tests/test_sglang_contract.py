@@ -96,6 +96,10 @@ def test_wheel_interface_has_what_the_backend_calls(iface):
         "end_weight_update"}
     assert iface["event_loop"]["captured_in_init"]
     assert iface["event_loop"]["ensure_event_loop_calls"][0] == "asyncio.get_running_loop"
+    # Serve's rows: each async_generate names its request, and tokenizer_manager.abort_request drops it
+    assert "rid" in _names(iface, "async_generate")
+    assert iface["tokenizer_manager"]["assigned_in_init"]
+    assert [p["name"] for p in iface["tokenizer_manager"]["abort_request"]["params"]] == ["rid", "abort_all"]
     assert any(r.startswith("torch==") for r in iface["requires_dist"])
 
 
@@ -181,6 +185,33 @@ def test_abort(sgl, engine):
             engine.generate(input_ids=[p], sampling_params={"max_new_tokens": 2})
     finally:
         sgl.abort_hook = default_hook
+
+
+def test_async_requests_interleave_and_abort_by_rid(engine):
+    """Requests in flight together advance together; ``tokenizer_manager.abort_request(rid)`` ends one with
+    finish_reason ``abort`` at its next step, the others run on."""
+    p, order = _prompt(engine), []
+
+    async def one(rid, tokens):
+        out = await engine.async_generate(input_ids=p, rid=rid,
+                                          sampling_params={"max_new_tokens": tokens, "ignore_eos": True})
+        order.append(rid)
+        return out
+
+    async def scenario():
+        long = asyncio.ensure_future(one("long", 40))
+        short = asyncio.ensure_future(one("short", 3))
+        dropped = asyncio.ensure_future(one("dropped", 40))
+        await short
+        engine.tokenizer_manager.abort_request("dropped")
+        with pytest.raises(TypeError):
+            engine.tokenizer_manager.abort_request(rid_="x")  # bound to the real signature
+        return await long, await short, await dropped
+
+    long, short, dropped = asyncio.run(scenario())
+    assert order == ["short", "dropped", "long"]  # the short one did not wait for the long one to finish
+    assert len(long["output_ids"]) == 40 and len(short["output_ids"]) == 3
+    assert dropped["meta_info"]["finish_reason"]["type"] == "abort" and len(dropped["output_ids"]) < 40
 
 
 def test_seeds(sgl, engine, tiny_model_path):

@@ -26,6 +26,10 @@ LM on CPU. Upstream references below are to sglang 0.5.23 (``python/sglang/srt/.
   sampling_params.py:440-466 stop strings need the tokenizer (skip_tokenizer_init -> ValueError).
 * tokenizer_manager.py:1891-1922 an abort with status_code 400 raises ValueError (non-stream);
   other aborts come back as ``{"type": "abort", ...}``.
+* engine.py:343 ``self.tokenizer_manager``; tokenizer_manager.py:2241-2265 ``abort_request(rid)``: the
+  scheduler drops that request at its next step, which then finishes with finish_reason ``abort``. The
+  Engine has no abort method of its own. Concurrent ``async_generate`` calls share the running loop and
+  advance a token at a time (the real scheduler batches them continuously).
 * sampling_batch_info.py:157-172 ``sampling_seed`` is used only under
   ``enable_deterministic_inference``, where a missing seed means 42 and equal seeds give equal
   samples (multinomial_with_seed: sample = f(seed, position)); otherwise the engine RNG, seeded by
@@ -88,7 +92,9 @@ _MISSING = object()
 
 def _signature(name: str) -> inspect.Signature:
     params = []
-    for p in interface()["engine"][name]["params"]:
+    spec = (interface()["tokenizer_manager"]["abort_request"] if name == "abort_request"
+            else interface()["engine"][name])
+    for p in spec["params"]:
         default = inspect.Parameter.empty
         if not p.get("required", False) and p["kind"] not in ("VAR_POSITIONAL", "VAR_KEYWORD"):
             default = p.get("default", _MISSING)  # a non-literal default reads as _MISSING
@@ -166,6 +172,7 @@ class Engine:
         self._offloaded: set[str] = set()
         self._stash = None
         self.calls: list[str] = []  # method names in call order, for tests
+        self.tokenizer_manager = TokenizerManager(self)
         self.loop = _ensure_event_loop()
 
     # ------------------------------------------------------------------ generation
@@ -213,14 +220,15 @@ class Engine:
                 raise ValueError("The parallel_sample_num should be the same for all samples in "
                                  "sample params.")
         want_lp = a["return_logprob"]
+        rids = a["rid"] if isinstance(a["rid"], list) else [a["rid"]] * len(prompts)
         outs = []
         for i, prompt in enumerate(prompts):
             params = _sampling_params(per[i], self.tokenizer)  # IndexError if the list is short
             lp = want_lp[i] if isinstance(want_lp, list) else bool(want_lp)
-            outs.append(self._one(i, list(prompt), params, lp))
+            outs.append(await self._one(i, list(prompt), params, lp, rids[i] or uuid.uuid4().hex))
         return outs[0] if single else outs
 
-    def _one(self, index: int, prompt: list, p: dict, want_logprob: bool) -> dict:
+    async def _one(self, index: int, prompt: list, p: dict, want_logprob: bool, rid: str) -> dict:
         import torch
 
         if p["n"] != 1:
@@ -238,6 +246,11 @@ class Engine:
         ids = torch.tensor([prompt])
         with torch.no_grad():
             while finish is None:
+                await asyncio.sleep(0)  # one scheduler step: other requests on this loop advance too
+                if rid in self.tokenizer_manager.aborted:
+                    finish = {"type": "abort", "message": f"Abort request {rid}", "status_code": None,
+                              "err_type": None}
+                    break
                 o = self.model(input_ids=ids, use_cache=True, **{self._cache_kw: past})
                 past = o.past_key_values
                 logits = o.logits[0, -1].float() / temp
@@ -451,3 +464,19 @@ def _sampling_params(d: dict, tokenizer) -> dict:
 def __getattr__(name):
     # Anything else of sglang's public API is absent here: fail loudly, not with None.
     raise AttributeError(f"fake sglang has no attribute {name!r}")
+
+
+class TokenizerManager:
+    """``Engine.tokenizer_manager``: only ``abort_request`` (bound to the real signature)."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.aborted: set[str] = set()
+
+    def abort_request(self, *args, **kwargs):
+        a = _bind("abort_request", args, kwargs)
+        self.engine.calls.append("abort_request")
+        if a["abort_all"]:
+            raise NotImplementedError("fake sglang: abort_all")
+        if a["rid"]:  # an empty rid is ignored (tokenizer_manager.py:2243)
+            self.aborted.add(a["rid"])
