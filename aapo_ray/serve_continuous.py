@@ -5,7 +5,7 @@ the moment the request is validated: ``hf``, a row of transformers' engine
 (:class:`~aapo_ray.continuous_batching.ContinuousBatcher`), which it joins at the next decoding step,
 whatever the sampling settings of the rows already there, and leaves when it ends; ``sglang``, an
 ``async_generate`` of its own (:class:`~aapo_ray.sglang_backend.SGLangRows`) that SGLang's scheduler batches
-with every other row in flight. Each row streams its own tokens (``sglang``: once, when it ends); a stop
+with every other row in flight. Each row streams its own tokens (``sglang``: as its stream chunks come); a stop
 string or the end of its reader (deadline, client gone) cancels the row in the engine at once. The final
 text of a row is the backend's ``completions`` (EOS and stop strings, as ``generate``). Log-probs
 and ``echo`` are one forward pass per finished row (:func:`aapo_ray.serve_logprobs.score_rows`, ``hf``).

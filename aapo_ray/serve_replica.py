@@ -7,12 +7,12 @@ GPU-only and unverified here). Routes: ``POST /v1/completions``, ``POST /v1/chat
 Batching, ``batching: continuous`` (the default): every row of every request joins one running
 continuous batch (``hf``: transformers' engine; ``sglang``: SGLang's scheduler, each row its own
 ``async_generate``; :mod:`aapo_ray.serve_continuous`) the moment it is validated and leaves it when it
-ends, whatever its sampling settings; each row streams its own tokens (``sglang``: its text in one chunk
-when it ends), and a request that times out or whose client goes away has its rows dropped from the
-engine at the next step. ``batching: grouped``: every request goes through ``@serve.batch`` (an
-async-generator batch handler); inside a batch, requests are grouped by identical sampling
-parameters (the seed aside) and each group is one ``backend.generate`` call, streamed through a batched streamer
-(``hf``; ``sglang``: a stream gets its text in one chunk when generation ends);
+ends, whatever its sampling settings; each row streams its own tokens, and a request that times out or
+whose client goes away has its rows dropped from the engine at the next step. ``batching: grouped``:
+every request goes through ``@serve.batch`` (an async-generator batch handler); inside a batch, requests
+are grouped by identical sampling parameters (the seed aside) and each group is one ``backend.generate``
+call, streamed through a batched streamer (``hf``; ``sglang``: a stream gets its text in one chunk when
+generation ends);
 ``batch_wait_timeout_s`` (0.01) favours latency. Either way each stream's text is decoded as its
 tokens arrive, holding back a partial character or a possible stop-string prefix, and the final
 text of every choice is the backend's own (EOS and stop handling included). The model directory
@@ -183,7 +183,7 @@ class OpenAIServer:
         self.key_hash = key
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="generate")  # one generate at a time
         self.pumps = set()
-        self.can_stream = isinstance(self.backend, HFBackend)  # token by token; sglang: one chunk at the end
+        self.can_stream = isinstance(self.backend, HFBackend)  # grouped: token by token; sglang: one chunk at the end
         self.batched = serve.batch(max_batch_size=o.max_batch_size,
                                    batch_wait_timeout_s=o.batch_wait_timeout_s)(self._run_batch)
         self.continuous = None

@@ -22,8 +22,9 @@ a GPU in CI. What the pinned release does, and what this backend does about it:
 - Serving (:meth:`SGLangBackend.serve_rows`): SGLang batches continuously the requests that are in flight
   together, which synchronous ``generate`` calls one at a time never are. For ``aapo serve`` the engine's
   loop runs for good on the engine's thread and each row of each request is its own ``async_generate``
-  (:class:`SGLangRows`); a row whose reader leaves is dropped with ``tokenizer_manager.abort_request``
-  (the Engine has no abort of its own).
+  (:class:`SGLangRows`; ``stream=True`` for a streamed one, with ``incremental_streaming_output`` off so that
+  each chunk holds every token so far); a row whose reader leaves is dropped with
+  ``tokenizer_manager.abort_request`` (the Engine has no abort of its own).
 """
 
 from __future__ import annotations
@@ -76,7 +77,8 @@ class SGLangBackend:
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="sglang-engine")
         self.engine = self._call(sglang.Engine, model_path=model_path, dtype=dtype, mem_fraction_static=mem_fraction,
                                  random_seed=seed, skip_tokenizer_init=True, trust_remote_code=trust_remote_code,
-                                 enable_deterministic_inference=deterministic)
+                                 enable_deterministic_inference=deterministic,
+                                 incremental_streaming_output=False)  # a stream's chunks: every token so far
         self.eos_ids = eos_token_ids(_generation_config(model_path), self.tokenizer)
 
     def _call(self, fn, *args, **kwargs):
@@ -205,21 +207,31 @@ class SGLangBackend:
 
 @dataclass
 class RowOutput:
-    """One finished row, as Serve's continuous path reads an engine's output (``generated_tokens``,
+    """A row's tokens so far, as Serve's continuous path reads an engine's output (``generated_tokens``,
     ``error``, ``is_finished()``, like transformers' ``GenerationOutput``)."""
 
     generated_tokens: list[int] = field(default_factory=list)
     error: str | None = None
+    finished: bool = True
 
     def is_finished(self) -> bool:
-        return True
+        return self.finished
+
+    @classmethod
+    def of(cls, out: dict) -> RowOutput:
+        """From an ``async_generate`` result or stream chunk (``output_ids``: every token so far; a chunk's
+        list is the engine's own, extended later, so it is copied here)."""
+        finish = out["meta_info"].get("finish_reason")
+        if finish and finish.get("type") == "abort":
+            return cls(error=f"sglang aborted the request: {finish.get('message', '')}")
+        return cls(list(out["output_ids"]), finished=finish is not None)
 
 
 class SGLangRows:
     """Serve's continuous batching on SGLang: each row one ``async_generate`` on the engine's running loop,
     batched with every other row in flight by SGLang's scheduler. The interface of
     :class:`~aapo_ray.continuous_batching.ContinuousBatcher` that :class:`~aapo_ray.serve_continuous.ContinuousJobs`
-    uses; a row's output comes once, when it ends (a stream gets its text in one chunk)."""
+    uses; a streamed row's tokens come as SGLang's stream chunks bring them, another row's once, at its end."""
 
     def __init__(self, backend: SGLangBackend):
         self.backend, self.loop = backend, backend.engine.loop
@@ -230,21 +242,28 @@ class SGLangRows:
         rid, caller = uuid.uuid4().hex, asyncio.get_running_loop()
         # deterministic mode samples an unseeded row with seed 42: every row would be the same sample
         seed = random.getrandbits(63) if self.backend.deterministic else None
-        row = self._row(rid, list(prompt_ids), self.backend._sampling(params, seed), caller, on_output)
+        row = self._row(rid, list(prompt_ids), self.backend._sampling(params, seed), stream, caller, on_output)
         future = asyncio.run_coroutine_threadsafe(row, self.loop)
         self.running[rid] = future
         future.add_done_callback(lambda _: self.running.pop(rid, None))
         return rid
 
-    async def _row(self, rid: str, prompt: list[int], sampling: dict, caller, on_output) -> None:
+    async def _row(self, rid: str, prompt: list[int], sampling: dict, stream: bool, caller, on_output) -> None:
+        engine = self.backend.engine
         try:
-            out = await self.backend.engine.async_generate(input_ids=prompt, sampling_params=sampling, rid=rid)
-            finish = out["meta_info"].get("finish_reason") or {}
-            result = (RowOutput(error=f"sglang aborted the request: {finish.get('message', '')}")
-                      if finish.get("type") == "abort" else RowOutput(list(out["output_ids"])))
+            if not stream:
+                caller.call_soon_threadsafe(on_output, RowOutput.of(
+                    await engine.async_generate(input_ids=prompt, sampling_params=sampling, rid=rid)))
+                return
+            async for chunk in await engine.async_generate(input_ids=prompt, sampling_params=sampling, rid=rid,
+                                                           stream=True):
+                out = RowOutput.of(chunk)
+                caller.call_soon_threadsafe(on_output, out)
+                if out.is_finished():
+                    return
+            raise RuntimeError("the stream ended before its row finished")
         except Exception as exc:  # noqa: BLE001 - this row's failure, answered to its request
-            result = RowOutput(error=f"{type(exc).__name__}: {exc}")
-        caller.call_soon_threadsafe(on_output, result)
+            caller.call_soon_threadsafe(on_output, RowOutput(error=f"{type(exc).__name__}: {exc}"))
 
     def cancel(self, rid: str) -> None:
         """Drop a row: SGLang's scheduler stops it at its next step; it delivers nothing more."""

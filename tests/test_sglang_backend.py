@@ -137,23 +137,28 @@ def test_serving_rows_are_concurrent_async_calls_and_cancelled_rows_are_aborted(
         rids = [rows.submit(ids[i % 2], params, outputs[i].set_result, stream=False)
                 for i, params in enumerate([*greedy, SamplingParams(temperature=1.0, max_new_tokens=200)])]
         rows.cancel(rids[2])  # its reader is gone: dropped at the engine's next step
+        streamed, finished = [], loop.create_future()
+        rows.submit(ids[1], greedy[1], lambda out: (streamed.append(out.generated_tokens),
+                                                    out.is_finished() and finished.set_result(out)), stream=True)
         done = await asyncio.gather(*outputs[:2])
+        await finished
         for _ in range(100):
             if not rows.pending_handlers():
                 break
             await asyncio.sleep(0.05)
         seeded = await loop.run_in_executor(None, served.generate, ids, SamplingParams(max_new_tokens=4, seed=1))
-        return rids, done, outputs[2].done(), rows.pending_handlers(), seeded
+        return rids, done, outputs[2].done(), rows.pending_handlers(), seeded, streamed
 
     try:
         served.engine.calls.clear()
-        rids, done, cancelled_delivered, pending, seeded = asyncio.run(serve())
+        rids, done, cancelled_delivered, pending, seeded, streamed = asyncio.run(serve())
         assert [out.generated_tokens for out in done] == want and all(out.error is None for out in done)
+        assert streamed == [want[1][:k] for k in range(1, len(want[1]) + 1)]  # a token at a time, copied
         assert served.completions([done[0].generated_tokens]).token_ids[0].tolist() == want[0]
         assert not cancelled_delivered and pending == 0
         assert rids[2] in served.engine.tokenizer_manager.aborted
         assert len(seeded.token_ids) == 2  # generate works while serving, through async_generate
-        assert "generate" not in served.engine.calls and served.engine.calls.count("async_generate") == 4
+        assert "generate" not in served.engine.calls and served.engine.calls.count("async_generate") == 5
         with pytest.raises(SGLangError, match="serving"):
             served.init_weight_group("127.0.0.1", 1, 1, 2, "g")  # a served checkpoint takes no weights
     finally:
@@ -188,14 +193,20 @@ def test_serve_replica_builds_the_engine_inside_a_running_loop(fake_env, tiny_mo
             response = await srv._complete(Request(), chat=False)
             seeded = await srv._complete(Request(seed=5, n=2, temperature=1.0), chat=False)
             assert len(json.loads(seeded.body)["choices"]) == 2
+            stream = await srv._complete(Request(stream=True), chat=False)
+            events = [line[6:] for chunk in [c async for c in stream.body_iterator]
+                      for line in (chunk.decode() if isinstance(chunk, bytes) else chunk).split("\n")
+                      if line.startswith("data: {")]
+            deltas = [json.loads(e)["choices"][0]["text"] for e in events if json.loads(e)["choices"]]
             echoed = await srv._complete(Request(echo=True, max_tokens=0), chat=False)
             with pytest.raises(APIError) as refused:  # no scoring with sglang: log-probs are refused
                 await srv._complete(Request(logprobs=1), chat=False)
         finally:
             srv.backend.shutdown()
-        return json.loads(response.body), json.loads(echoed.body), refused.value
+        return json.loads(response.body), json.loads(echoed.body), refused.value, "".join(deltas)
 
-    body, echoed, refused = asyncio.run(replica())
+    body, echoed, refused, streamed = asyncio.run(replica())
+    assert streamed == body["choices"][0]["text"]  # the stream's text is the whole response's
     assert body["choices"][0]["finish_reason"] in ("stop", "length") and body["usage"]["completion_tokens"] >= 1
     assert echoed["choices"][0]["text"] == "Compute 1+2.\n" and echoed["usage"]["completion_tokens"] == 0
     assert (refused.status, refused.code, refused.param) == (400, "unsupported", "logprobs")

@@ -214,6 +214,21 @@ def test_async_requests_interleave_and_abort_by_rid(engine):
     assert dropped["meta_info"]["finish_reason"]["type"] == "abort" and len(dropped["output_ids"]) < 40
 
 
+def test_stream_chunks_hold_every_token_so_far(engine):
+    p = _prompt(engine)
+    params = {"temperature": 0, "max_new_tokens": 5, "ignore_eos": True}
+
+    async def scenario():
+        chunks = [(list(c["output_ids"]), c["meta_info"]["finish_reason"], c["meta_info"]["id"])
+                  async for c in await engine.async_generate(input_ids=p, sampling_params=params, rid="s", stream=True)]
+        return chunks, await engine.async_generate(input_ids=p, sampling_params=params)
+
+    chunks, whole = asyncio.run(scenario())
+    assert [ids for ids, _, _ in chunks] == [whole["output_ids"][:k] for k in range(1, 6)]
+    assert [reason for _, reason, _ in chunks[:-1]] == [None] * 4 and chunks[-1][1]["type"] == "length"
+    assert {rid for _, _, rid in chunks} == {"s"}
+
+
 def test_seeds(sgl, engine, tiny_model_path):
     p = _prompt(engine)
     hot = {"temperature": 3.0, "max_new_tokens": 12, "ignore_eos": True}

@@ -193,8 +193,6 @@ class Engine:
         return await self._generate(a)
 
     async def _generate(self, a: dict):
-        if a["stream"]:
-            raise NotImplementedError("fake sglang: stream=True")
         if a["prompt"] is not None:
             if a["input_ids"] is not None:
                 raise ValueError("Either text or input_ids should be provided.")
@@ -221,6 +219,11 @@ class Engine:
                                  "sample params.")
         want_lp = a["return_logprob"]
         rids = a["rid"] if isinstance(a["rid"], list) else [a["rid"]] * len(prompts)
+        if a["stream"]:  # engine.py:645-646: the chunks' async generator itself
+            if not single:
+                raise NotImplementedError("fake sglang: a streamed batch")
+            return self._steps(0, list(prompts[0]), _sampling_params(per[0], self.tokenizer), bool(want_lp),
+                               rids[0] or uuid.uuid4().hex)
         outs = []
         for i, prompt in enumerate(prompts):
             params = _sampling_params(per[i], self.tokenizer)  # IndexError if the list is short
@@ -229,6 +232,14 @@ class Engine:
         return outs[0] if single else outs
 
     async def _one(self, index: int, prompt: list, p: dict, want_logprob: bool, rid: str) -> dict:
+        async for result in self._steps(index, prompt, p, want_logprob, rid):
+            pass
+        return result
+
+    async def _steps(self, index: int, prompt: list, p: dict, want_logprob: bool, rid: str):
+        """One request: a stream chunk per token (tokenizer_manager.py:2676-2703, incremental_streaming_output
+        off: ``output_ids`` is every token so far, the engine's own list, extended later; ``finish_reason``
+        None), then the finished output."""
         import torch
 
         if p["n"] != 1:
@@ -279,9 +290,13 @@ class Engine:
                     finish = {"type": "stop", "matched": tok}
                 elif len(out) >= p["max_new_tokens"]:
                     finish = {"type": "length", "length": p["max_new_tokens"]}
+                if finish is None:
+                    yield {"output_ids": out, "meta_info": {"id": rid, "finish_reason": None,
+                                                            "prompt_tokens": len(prompt),
+                                                            "completion_tokens": len(out)}}
         if finish["type"] == "abort" and finish["status_code"] == 400:
             raise ValueError(finish["message"])  # tokenizer_manager.py:1916-1917
-        meta = {"id": uuid.uuid4().hex, "finish_reason": finish, "prompt_tokens": len(prompt),
+        meta = {"id": rid, "finish_reason": finish, "prompt_tokens": len(prompt),
                 "weight_version": self.server_args.weight_version, "completion_tokens": len(out),
                 "cached_tokens": 0}
         if want_logprob:
@@ -289,7 +304,7 @@ class Engine:
         result = {"output_ids": out, "meta_info": meta}
         if self.tokenizer is not None:
             result["text"] = self._text(out, finish, p)
-        return result
+        yield result
 
     def _text(self, out: list, finish: dict, p: dict) -> str:
         matched = finish.get("matched")
