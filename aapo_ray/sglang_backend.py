@@ -255,13 +255,13 @@ class SGLangRows:
                 caller.call_soon_threadsafe(on_output, RowOutput.of(
                     await engine.async_generate(input_ids=prompt, sampling_params=sampling, rid=rid)))
                 return
+            last = None
             async for chunk in await engine.async_generate(input_ids=prompt, sampling_params=sampling, rid=rid,
-                                                           stream=True):
-                out = RowOutput.of(chunk)
-                caller.call_soon_threadsafe(on_output, out)
-                if out.is_finished():
-                    return
-            raise RuntimeError("the stream ended before its row finished")
+                                                           stream=True):  # read to its end: it closes itself
+                last = RowOutput.of(chunk)
+                caller.call_soon_threadsafe(on_output, last)
+            if last is None or not last.is_finished():
+                raise RuntimeError("the stream ended before its row finished")
         except Exception as exc:  # noqa: BLE001 - this row's failure, answered to its request
             caller.call_soon_threadsafe(on_output, RowOutput(error=f"{type(exc).__name__}: {exc}"))
 
