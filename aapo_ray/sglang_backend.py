@@ -245,25 +245,27 @@ class SGLangRows:
         row = self._row(rid, list(prompt_ids), self.backend._sampling(params, seed), stream, caller, on_output)
         future = asyncio.run_coroutine_threadsafe(row, self.loop)
         self.running[rid] = future
-        future.add_done_callback(lambda _: self.running.pop(rid, None))
+        future.add_done_callback(lambda _: self.running.pop(rid, None))  # a row that ended before the line above
         return rid
 
     async def _row(self, rid: str, prompt: list[int], sampling: dict, stream: bool, caller, on_output) -> None:
         engine = self.backend.engine
         try:
             if not stream:
-                caller.call_soon_threadsafe(on_output, RowOutput.of(
-                    await engine.async_generate(input_ids=prompt, sampling_params=sampling, rid=rid)))
-                return
-            last = None
-            async for chunk in await engine.async_generate(input_ids=prompt, sampling_params=sampling, rid=rid,
-                                                           stream=True):  # read to its end: it closes itself
-                last = RowOutput.of(chunk)
-                caller.call_soon_threadsafe(on_output, last)
-            if last is None or not last.is_finished():
-                raise RuntimeError("the stream ended before its row finished")
+                out = RowOutput.of(await engine.async_generate(input_ids=prompt, sampling_params=sampling, rid=rid))
+            else:
+                out = None
+                async for chunk in await engine.async_generate(input_ids=prompt, sampling_params=sampling, rid=rid,
+                                                               stream=True):  # read to its end: it closes itself
+                    out = RowOutput.of(chunk)
+                    if not out.is_finished():
+                        caller.call_soon_threadsafe(on_output, out)
+                if out is None or not out.is_finished():
+                    raise RuntimeError("the stream ended before its row finished")
         except Exception as exc:  # noqa: BLE001 - this row's failure, answered to its request
-            caller.call_soon_threadsafe(on_output, RowOutput(error=f"{type(exc).__name__}: {exc}"))
+            out = RowOutput(error=f"{type(exc).__name__}: {exc}")
+        self.running.pop(rid, None)  # ended before its caller hears of it: a later cancel or close aborts nothing
+        caller.call_soon_threadsafe(on_output, out)
 
     def cancel(self, rid: str) -> None:
         """Drop a row: SGLang's scheduler stops it at its next step; it delivers nothing more."""

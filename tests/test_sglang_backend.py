@@ -212,6 +212,50 @@ def test_serve_replica_builds_the_engine_inside_a_running_loop(fake_env, tiny_mo
     assert (refused.status, refused.code, refused.param) == (400, "unsupported", "logprobs")
 
 
+def test_serve_replica_timeout_is_a_504_and_aborts_the_rows(fake_env, tiny_model_path, monkeypatch):
+    """The continuous path's error paths hold on SGLang: a request past request_timeout_s is a 504 and its
+    rows are aborted in the engine (not generated to the end), and the replica serves the next request."""
+    import sglang
+    from ray.serve import batching
+
+    from aapo_ray.openai_api import APIError
+    from aapo_ray.serve_replica import OpenAIServer
+
+    monkeypatch.setattr(batching._BatchQueue, "_warn_if_max_batch_size_exceeds_max_ongoing_requests",
+                        lambda self: None)
+
+    class Request:
+        headers = {"content-type": "application/json"}
+
+        def __init__(self, **body):
+            self.body = {"prompt": "Compute 1+2.\n", "temperature": 0, **body}
+
+        async def stream(self):
+            yield json.dumps(self.body).encode()
+
+    async def replica():
+        srv = OpenAIServer(tiny_model_path, "m", {"backend": "sglang", "request_timeout_s": 0.5})
+        try:
+            monkeypatch.setattr(sglang, "step_delay_s", 0.05)  # 100 tokens: 5 s, ten times the deadline
+            with pytest.raises(APIError) as late:
+                await srv._complete(Request(max_tokens=100, n=2), chat=False)
+            for _ in range(100):
+                if not srv.continuous.engine.pending_handlers():
+                    break
+                await asyncio.sleep(0.05)
+            left = srv.continuous.engine.pending_handlers()
+            monkeypatch.setattr(sglang, "step_delay_s", 0.0)
+            after = json.loads((await srv._complete(Request(max_tokens=4), chat=False)).body)
+        finally:
+            srv.backend.shutdown()
+        return late.value, left, srv.backend.engine.tokenizer_manager.aborted, after
+
+    late, left, aborted, after = asyncio.run(replica())
+    assert (late.status, late.code) == (504, "request_timeout")
+    assert left == 0 and len(aborted) == 2  # both rows (n=2) dropped in the engine, the finished one not
+    assert after["choices"][0]["finish_reason"] in ("stop", "length")
+
+
 @pytest.fixture(scope="module")
 def sglang_cfg(tiny_model_path, fake_env):
     cfg = load_config(None, [f"model.path={tiny_model_path}", "rollout.prompts_per_step=2", "algo.group_size=2",

@@ -61,6 +61,7 @@ import uuid
 __version__ = "0.0.0+fake"
 _INTERFACE = None
 GPU_MEMORY_ALL_TYPES = ["kv_cache", "weights", "cuda_graph"]  # srt/constants.py
+step_delay_s = 0.0  # tests set it to make a generation last (seconds per token, the loop free meanwhile)
 TOP_K_ALL = 1 << 30  # sampling_params.py:43
 
 
@@ -257,7 +258,7 @@ class Engine:
         ids = torch.tensor([prompt])
         with torch.no_grad():
             while finish is None:
-                await asyncio.sleep(0)  # one scheduler step: other requests on this loop advance too
+                await asyncio.sleep(step_delay_s)  # one scheduler step: other requests on this loop advance too
                 if rid in self.tokenizer_manager.aborted:
                     finish = {"type": "abort", "message": f"Abort request {rid}", "status_code": None,
                               "err_type": None}
