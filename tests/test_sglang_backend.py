@@ -165,26 +165,32 @@ def test_serving_rows_are_concurrent_async_calls_and_cancelled_rows_are_aborted(
         served.shutdown()
 
 
-def test_serve_replica_builds_the_engine_inside_a_running_loop(fake_env, tiny_model_path, monkeypatch):
-    """Defect 3: Serve builds the replica inside its event loop and generates from an executor thread."""
-    from ray.serve import batching
+class Request:
+    """What a replica's ``_complete`` reads of a Starlette request: a JSON completion body (greedy, 4 tokens)."""
 
-    from aapo_ray.serve_replica import OpenAIServer
-    from aapo_ray.sglang_backend import SGLangRows
+    headers = {"content-type": "application/json"}
+
+    def __init__(self, **body):
+        self.body = {"prompt": "Compute 1+2.\n", "max_tokens": 4, "temperature": 0, **body}
+
+    async def stream(self):
+        yield json.dumps(self.body).encode()
+
+
+@pytest.fixture
+def quiet_batch_queue(monkeypatch):
+    """A replica built outside Serve: serve.batch asks the replica context for max_ongoing_requests only to warn."""
+    from ray.serve import batching
 
     monkeypatch.setattr(batching._BatchQueue, "_warn_if_max_batch_size_exceeds_max_ongoing_requests",
                         lambda self: None)
 
+
+def test_serve_replica_builds_the_engine_inside_a_running_loop(fake_env, tiny_model_path, quiet_batch_queue):
+    """Defect 3: Serve builds the replica inside its event loop and generates from an executor thread."""
     from aapo_ray.openai_api import APIError
-
-    class Request:
-        headers = {"content-type": "application/json"}
-
-        def __init__(self, **extra):
-            self.body = {"prompt": "Compute 1+2.\n", "max_tokens": 4, "temperature": 0, **extra}
-
-        async def stream(self):
-            yield json.dumps(self.body).encode()
+    from aapo_ray.serve_replica import OpenAIServer
+    from aapo_ray.sglang_backend import SGLangRows
 
     async def replica():
         srv = OpenAIServer(tiny_model_path, "m", {"backend": "sglang"})  # as Serve does: inside its loop
@@ -212,26 +218,15 @@ def test_serve_replica_builds_the_engine_inside_a_running_loop(fake_env, tiny_mo
     assert (refused.status, refused.code, refused.param) == (400, "unsupported", "logprobs")
 
 
-def test_serve_replica_timeout_is_a_504_and_aborts_the_rows(fake_env, tiny_model_path, monkeypatch):
+def test_serve_replica_timeout_is_a_504_and_aborts_the_rows(fake_env, tiny_model_path, quiet_batch_queue,
+                                                           monkeypatch):
     """The continuous path's error paths hold on SGLang: a request past request_timeout_s is a 504 and its
     rows are aborted in the engine (not generated to the end), and the replica serves the next request."""
     import sglang
-    from ray.serve import batching
 
     from aapo_ray.openai_api import APIError
     from aapo_ray.serve_replica import OpenAIServer
 
-    monkeypatch.setattr(batching._BatchQueue, "_warn_if_max_batch_size_exceeds_max_ongoing_requests",
-                        lambda self: None)
-
-    class Request:
-        headers = {"content-type": "application/json"}
-
-        def __init__(self, **body):
-            self.body = {"prompt": "Compute 1+2.\n", "temperature": 0, **body}
-
-        async def stream(self):
-            yield json.dumps(self.body).encode()
 
     async def replica():
         srv = OpenAIServer(tiny_model_path, "m", {"backend": "sglang", "request_timeout_s": 0.5})
