@@ -91,6 +91,16 @@ def tiny_model_path(tmp_path_factory):
     return default_model_path(shared / "models", progress=False, recipe={"sft": {"steps": 40}, "eval": {"n": 8}})
 
 
+@pytest.fixture
+def quiet_batch_queue(monkeypatch):
+    """For a Serve replica built outside Serve: serve.batch asks the replica context for max_ongoing_requests
+    only to print a warning."""
+    from ray.serve import batching
+
+    monkeypatch.setattr(batching._BatchQueue, "_warn_if_max_batch_size_exceeds_max_ongoing_requests",
+                        lambda self: None)
+
+
 @pytest.fixture(scope="session")
 def serve_app(ray_cluster):
     """``with serve_app(model, app_name, **build_app_options) as url``: the real Serve application on a fresh

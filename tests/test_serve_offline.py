@@ -24,20 +24,15 @@ def tokenizer(tiny_model_path):
 
 # ----------------------------------------------------------------------------- timeouts and overload (no Ray)
 @pytest.fixture
-def bare_server(tokenizer, monkeypatch):
+def bare_server(tokenizer, quiet_batch_queue):
     """An OpenAIServer without a replica around it: a real serve.batch queue, a slow fake backend."""
     from concurrent.futures import ThreadPoolExecutor
 
     from ray import serve
-    from ray.serve import batching
 
     from aapo_ray.sampling import Completions
     from aapo_ray.serve_options import ServeOptions
     from aapo_ray.serve_replica import OpenAIServer
-
-    # serve.batch asks the replica context for max_ongoing_requests only to print a warning
-    monkeypatch.setattr(batching._BatchQueue, "_warn_if_max_batch_size_exceeds_max_ongoing_requests",
-                        lambda self: None)
 
     class SlowBackend:
         calls = 0

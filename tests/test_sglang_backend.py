@@ -177,15 +177,6 @@ class Request:
         yield json.dumps(self.body).encode()
 
 
-@pytest.fixture
-def quiet_batch_queue(monkeypatch):
-    """A replica built outside Serve: serve.batch asks the replica context for max_ongoing_requests only to warn."""
-    from ray.serve import batching
-
-    monkeypatch.setattr(batching._BatchQueue, "_warn_if_max_batch_size_exceeds_max_ongoing_requests",
-                        lambda self: None)
-
-
 def test_serve_replica_builds_the_engine_inside_a_running_loop(fake_env, tiny_model_path, quiet_batch_queue):
     """Defect 3: Serve builds the replica inside its event loop and generates from an executor thread."""
     from aapo_ray.openai_api import APIError
@@ -226,7 +217,6 @@ def test_serve_replica_timeout_is_a_504_and_aborts_the_rows(fake_env, tiny_model
 
     from aapo_ray.openai_api import APIError
     from aapo_ray.serve_replica import OpenAIServer
-
 
     async def replica():
         srv = OpenAIServer(tiny_model_path, "m", {"backend": "sglang", "request_timeout_s": 0.5})
