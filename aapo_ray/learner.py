@@ -282,20 +282,23 @@ class LearnerActor(KeepableRole):
         """``(names, dtypes, shapes)`` per bucket, for generators that receive a broadcast (rank 0)."""
         return bucket_metadata(self.engine.module.named_parameters(), bucket_mb)
 
-    def init_weight_group(self, master_port: int, world_size: int, group_name: str) -> None:
-        """Rank 0 of the weight-update group the generator engines join (ranks 1..world_size-1)."""
-        self._weight_group = init_weight_update_group(ray.util.get_node_ip_address(), master_port, 0, world_size,
-                                                      group_name, self.backend)
+    def weight_group_address(self) -> tuple[str, int]:
+        """(node IP, port) for the weight-update group's store; rank 0 listens there from now on, so the
+        port cannot be taken before :meth:`init_weight_group` serves on it."""
+        host = ray.util.get_node_ip_address()
+        self._weight_listener = socket.create_server((host, 0), backlog=128)
+        return host, self._weight_listener.getsockname()[1]
+
+    def init_weight_group(self, world_size: int, group_name: str) -> None:
+        """Rank 0 of the weight-update group the generator engines join (ranks 1..world_size-1), served
+        on :meth:`weight_group_address`'s socket."""
+        host, port = self._weight_listener.getsockname()[:2]
+        self._weight_group = init_weight_update_group(host, port, 0, world_size, group_name, self.backend,
+                                                      listen_fd=self._weight_listener.detach())
 
     def broadcast_weights(self, bucket_mb: float) -> int:
         """Send every parameter to the engines of the weight-update group (rank 0; they receive)."""
         return broadcast_buckets(self.engine.module.named_parameters(), bucket_mb, self._weight_group)
-
-    def free_port(self) -> tuple[str, int]:
-        """(node IP, a free port) for the weight-update group's rendezvous (rank 0 listens there)."""
-        host = ray.util.get_node_ip_address()
-        with socket.create_server((host, 0)) as probe:
-            return host, probe.getsockname()[1]
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Float32 CPU logits of the current weights (for checking a weight sync)."""

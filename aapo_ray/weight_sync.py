@@ -29,9 +29,9 @@ def _broadcast(policy: GeneratorPool, learners: LearnerGroup, version: int) -> N
     mb, rank0 = policy.cfg.learner.sync_bucket_mb, learners.rank0()
     backend = "nccl" if policy.cfg.learner.gpus_per_learner > 0 else "gloo"
     if not policy.broadcast_group:  # once: rank 0 and every engine rendezvous (all must call together)
-        address, port = ray.get(rank0.free_port.remote())
+        address, port = ray.get(rank0.weight_group_address.remote())
         world = 1 + len(policy.actors)
-        ray.get([rank0.init_weight_group.remote(port, world, GROUP_NAME)] +
+        ray.get([rank0.init_weight_group.remote(world, GROUP_NAME)] +
                 [a.join_weight_group.remote(address, port, 1 + i, world, GROUP_NAME, backend)
                  for i, a in enumerate(policy.actors)])
         policy.broadcast_group = True

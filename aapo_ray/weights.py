@@ -46,13 +46,16 @@ def bucket_metadata(named: Iterable[tuple[str, torch.Tensor]], bucket_mb: float)
 
 
 def init_weight_update_group(master_address: str, master_port: int, rank: int, world_size: int, group_name: str,
-                             backend: str, timeout: datetime.timedelta = datetime.timedelta(minutes=10)):
+                             backend: str, timeout: datetime.timedelta = datetime.timedelta(minutes=10),
+                             listen_fd: int | None = None):
     """A process group of its own between learner rank 0 (rank 0 here) and the generator engines, formed
-    the way SGLang's ``init_weights_update_group`` forms its side (a TCP rendezvous, a store prefixed by
-    ``group_name``, registered ranks), so that both ends can ``broadcast`` on it."""
-    store, rank, world_size = next(c10d.rendezvous(f"tcp://{master_address}:{master_port}", rank, world_size,
-                                                   timeout=timeout))
-    store.set_timeout(timeout)
+    the way SGLang's ``init_weights_update_group`` forms its side (a TCP store at the master's address, a
+    store prefixed by ``group_name``, registered ranks), so that both ends can ``broadcast`` on it. Rank 0
+    may pass ``listen_fd``, a socket already listening on ``master_port``: its store serves from it, so
+    no other process can take the port between choosing it and listening (the store owns the socket)."""
+    listen = {} if listen_fd is None else {"master_listen_fd": listen_fd}
+    store = c10d.TCPStore(master_address, master_port, world_size, is_master=rank == 0, timeout=timeout,
+                          use_libuv=True, **listen)
     group, _ = c10d._new_process_group_helper(world_size, rank, [], c10d.Backend(backend),
                                               c10d.PrefixStore(group_name, store), group_name=group_name, timeout=timeout)
     c10d._world.pg_group_ranks[group] = {i: i for i in range(world_size)}

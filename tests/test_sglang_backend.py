@@ -5,6 +5,7 @@ import asyncio
 import importlib
 import json
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -285,6 +286,9 @@ def test_generator_actor_and_nccl_style_broadcast_from_a_real_learner(ray_cluste
         assert calls.count("init_weights_update_group") == 1 and "update_weights_from_tensor" not in calls
         sync_policy(policy, learners, version=2)  # the group is formed once, reused every step
         assert ray.get(policy.actors[0].ready.remote())["version"] == 2
+        host, port = ray.get(learners.rank0().weight_group_address.remote())
+        with pytest.raises(OSError):  # held from the moment it is handed out: no process can take it first
+            socket.create_server((host, port)).close()
     finally:
         policy.shutdown()
         learners.shutdown()
