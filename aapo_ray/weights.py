@@ -54,8 +54,8 @@ def init_weight_update_group(master_address: str, master_port: int, rank: int, w
     may pass ``listen_fd``, a socket already listening on ``master_port``: its store serves from it, so
     no other process can take the port between choosing it and listening (the store owns the socket)."""
     listen = {} if listen_fd is None else {"master_listen_fd": listen_fd}
-    store = c10d.TCPStore(master_address, master_port, world_size, is_master=rank == 0, timeout=timeout,
-                          use_libuv=True, **listen)
+    store = torch.distributed.TCPStore(master_address, master_port, world_size, is_master=rank == 0,
+                                       timeout=timeout, use_libuv=True, **listen)
     group, _ = c10d._new_process_group_helper(world_size, rank, [], c10d.Backend(backend),
                                               c10d.PrefixStore(group_name, store), group_name=group_name, timeout=timeout)
     c10d._world.pg_group_ranks[group] = {i: i for i in range(world_size)}
