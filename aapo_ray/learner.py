@@ -128,6 +128,12 @@ def _load_model(cfg: Config, model_path: str):
                                     dtype=torch.float32, allow_pickle=cfg.model.allow_pickle)
 
 
+def _node_listener() -> socket.socket:
+    """A socket listening on this node's IP at a free port, for a TCPStore to serve on: held from the moment
+    the port is chosen, so no other process can take it before the store listens."""
+    return socket.create_server((ray.util.get_node_ip_address(), 0), backlog=128)
+
+
 # ----------------------------------------------------------------------------- the actor
 class LearnerActor(KeepableRole):
     """One DeepSpeed engine on rank ``rank`` of ``world_size``. Create it with ``ray.remote``."""
@@ -144,9 +150,8 @@ class LearnerActor(KeepableRole):
     def master_address(self) -> tuple[str, int]:
         """(node IP, port) of the rendezvous store; called on rank 0, which holds the socket open
         (bound to the node IP only, and no race for the port between choosing and listening)."""
-        host = ray.util.get_node_ip_address()
-        self._listener = socket.create_server((host, 0), backlog=128)
-        return host, self._listener.getsockname()[1]
+        self._listener = _node_listener()
+        return self._listener.getsockname()[:2]
 
     def placement(self) -> tuple[str, int]:
         """(node id, usable cores): the fewer of the node's CPUs in Ray and this process's CPU affinity."""
@@ -285,9 +290,8 @@ class LearnerActor(KeepableRole):
     def weight_group_address(self) -> tuple[str, int]:
         """(node IP, port) for the weight-update group's store; rank 0 listens there from now on, so the
         port cannot be taken before :meth:`init_weight_group` serves on it."""
-        host = ray.util.get_node_ip_address()
-        self._weight_listener = socket.create_server((host, 0), backlog=128)
-        return host, self._weight_listener.getsockname()[1]
+        self._weight_listener = _node_listener()
+        return self._weight_listener.getsockname()[:2]
 
     def init_weight_group(self, world_size: int, group_name: str) -> None:
         """Rank 0 of the weight-update group the generator engines join (ranks 1..world_size-1), served
