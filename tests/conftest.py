@@ -16,7 +16,7 @@ os.environ.setdefault("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", "60")
 # Idle OpenMP threads sleep instead of spinning (set before torch loads; every process the tests start inherits
 # it). The suite keeps both cores busy, and torch's 2 threads in a test process spin while others wait: a 60-step
 # warm-start build beside a busy core took 24-25 s passive against 37-43 s spinning (idle: 14.9 vs 13.0 s).
-# Whole suite, passive/default wall time in 3 back-to-back pairs (2026-12-03): 0.86, 0.97, 0.88 (mean 0.90,
+# Whole suite, passive/default wall time in 3 back-to-back pairs (2026-12-03): 0.86, 0.97, 0.87 (mean 0.90,
 # 95% CI [0.75, 1.06]: not shown to be faster as a whole).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 ENVIRON_AT_START = dict(os.environ)  # before any test started a cluster (tests/test_roles.py)
