@@ -43,7 +43,7 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, namespa
     runtime_env = None if address is None and not WORKER_ENV_AS_RUNTIME_ENV else {"env_vars": env}
     kwargs = dict(namespace=namespace, runtime_env=runtime_env, log_to_driver=True)
     if address is None:  # "local": always a new cluster of our own, never one a `ray start` left running here
-        with _environment({} if runtime_env else env):
+        with environment({} if runtime_env else env):
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", **kwargs)
     else:
         ray.init(address=address, **kwargs)
@@ -68,7 +68,7 @@ def shutdown_ray() -> None:
 
 
 @contextmanager
-def _environment(env: dict[str, str]):
+def environment(env: dict[str, str]):
     """``os.environ`` updated with ``env`` inside the block (processes started there inherit it), restored after."""
     saved = {key: os.environ.get(key) for key in env}
     os.environ.update(env)

@@ -32,7 +32,7 @@ from aapo_ray.config import Config
 from aapo_ray.actor_sources import FreshActors
 from aapo_ray.colocation import CoLocated
 from aapo_ray.kept_roles import KeepableRole
-from aapo_ray.launch import setup_actor_process
+from aapo_ray.launch import environment, setup_actor_process
 from aapo_ray.logprobs import policy_logprobs, prepare_for_training
 from aapo_ray.models import load_model_and_tokenizer
 from aapo_ray.rollout import column_numpy, padded_tensors, sampling_temperature, shard
@@ -203,8 +203,12 @@ class LearnerActor(KeepableRole):
         warmup = math.ceil(lc.warmup_ratio * self.cfg.run.steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_lambda(lc.lr_schedule, warmup, self.cfg.run.steps))
-        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                                    config=deepspeed_config(self.cfg))
+        # initialize imports DeepSpeed's Muon optimizer only to compare optimizer types, and that module wraps
+        # functions in torch.compile, which imports torch's inductor: ~0.6 CPU-s per learner start for nothing
+        # used here. torch.compile hands a function back as is while TORCHDYNAMO_DISABLE=1 (read at each call).
+        with environment({"TORCHDYNAMO_DISABLE": "1"}):
+            self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                        config=deepspeed_config(self.cfg))
         self.device = self.engine.device
         self.gas = accumulation_steps(self.cfg)
         self.estimator = get_estimator(algo.estimator)

@@ -5,10 +5,12 @@ The single-rank groups take their learner from ``KeptRoles`` (as ``ray.keep_role
 a process, the later ones re-initialise it with their own config; multi-rank groups always start fresh."""
 
 import os
+import sys
 import time
 
 import numpy as np
 import pytest
+import ray
 import torch
 
 from aapo_ray.algo import aapo_loss, get_estimator, grpo_loss, token_logprobs
@@ -151,6 +153,9 @@ def test_two_learners_zero1_match_one_learner_and_torch(ray_cluster, model_dir, 
     assert_params_close(group1.params, ref, atol=1e-5)
     cores = min(len(os.sched_getaffinity(0)), 8)  # the test cluster has 8 logical CPUs
     assert group1.torch_threads == [max(1, cores // 2)] * 2  # the node's cores, shared by its 2 ranks
+    # DeepSpeed's initialize left torch's compiler unimported (aapo_ray/learner.py: TORCHDYNAMO_DISABLE)
+    compiler = [a.__ray_call__.remote(lambda _: "torch._inductor.compile_fx" in sys.modules) for a in group1.actors]
+    assert ray.get(compiler) == [False, False]
     # 1 rank, 3 micro-batches (3 + 3 + 2)
     with LearnerGroup(make_cfg(1, 1), model_dir, source=KeptRoles()) as single:
         metrics = single.train_step(batch, denominator(batch))
