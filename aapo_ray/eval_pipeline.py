@@ -4,7 +4,7 @@
 seed) -> ``map_batches(Generate | EndpointGenerate)``: an actor pool (``concurrency``) whose actors each
 build :func:`aapo_ray.backends.make_backend` once (hf on CPU, sglang on GPU: the training code path) or
 talk to an OpenAI-compatible server, and emit k sample rows per problem -> ``map_batches(Score)``: CPU
-actors scoring with :class:`aapo_ray.reward.BatchScorer` (math-verify in bounded time) and parsing the
+actors scoring with :class:`aapo_ray.batch_scorer.BatchScorer` (math-verify in bounded time) and parsing the
 final answer -> the driver iterates the output batches (``iter_batches``: streamed, never all in memory)
 and appends them to ``samples.parquet``.
 

@@ -1,8 +1,9 @@
 """The stages of ``aapo eval``'s pipeline that need no model: the sample rows' schema, the client of an
 OpenAI-compatible endpoint (:class:`EndpointGenerate`) and the scorer (:class:`Score`).
 
-Ray Data starts a stage's actors by importing the module of its class. Here that imports neither torch
-nor transformers, so a scorer is a light process (on a cluster, a CPU node needs no torch for it). Only
+Ray Data starts a stage's actors by importing the module of its class. Here that imports neither torch,
+transformers nor math-verify (the scorer's worker subprocesses load it), so a scorer is a light process (on
+a cluster, a CPU node needs no torch for it). Only
 the local generators (:class:`aapo_ray.eval_pipeline.Generate`) load a model. The endpoint client loads
 a tokenizer, which imports transformers (and torch) when it starts."""
 
@@ -16,7 +17,7 @@ import ray
 import requests
 
 from aapo_ray.eval_metrics import final_answer
-from aapo_ray.reward import BatchScorer
+from aapo_ray.batch_scorer import BatchScorer
 from aapo_ray.sampling import row_seeds
 
 SAMPLE_SCHEMA = pa.schema([

@@ -1,6 +1,6 @@
 """Reward scorers: Ray actors that attach reward columns to rollout batches in bounded time.
 
-Each actor owns a :class:`aapo_ray.reward.BatchScorer` whose verifier subprocesses enforce a hard
+Each actor owns a :class:`aapo_ray.batch_scorer.BatchScorer` whose verifier subprocesses enforce a hard
 per-completion deadline (math-verify's ``signal.alarm`` only works on a process's main thread).
 A hung or crashing reward function costs at most ``reward.timeout_s`` per completion, scores 0,
 and is counted; it never stops training.
@@ -17,7 +17,7 @@ import ray
 from aapo_ray.config import Config
 from aapo_ray.actor_sources import FreshActors
 from aapo_ray.kept_roles import KeepableRole
-from aapo_ray.reward import BatchScorer
+from aapo_ray.batch_scorer import BatchScorer
 from aapo_ray.rollout import with_rewards
 
 # Always scored (weight 0 unless configured) so accuracy is logged whatever the training reward.

@@ -19,7 +19,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from aapo_ray.reward import BatchScorer  # noqa: E402
+from aapo_ray.batch_scorer import BatchScorer  # noqa: E402
 
 SOLVERS = ("6b_finetuning", "6b_verification", "175b_finetuning", "175b_verification")
 

@@ -8,7 +8,7 @@ import time
 
 import _common  # noqa: F401  (puts the repository on sys.path)
 
-from aapo_ray.reward import BatchScorer
+from aapo_ray.batch_scorer import BatchScorer
 from aapo_ray.synthetic import SyntheticTask
 
 

@@ -152,9 +152,10 @@ def test_the_cli_imports_only_the_command_it_runs():
     assert "aapo_ray.serve" in serve and "aapo_ray.driver" not in serve
 
 
-def test_scorer_actors_import_no_torch():
+def test_scorer_actors_import_neither_torch_nor_math_verify():
     """Ray starts an actor by importing the module of its class: the CPU scorers of training, of ``aapo eval``
-    and of the reference build must not sit in a module that imports torch (~3 CPU-s and ~0.2 GB each: benchmarks/README)."""
+    and of the reference build must not sit in a module that imports torch (~3 CPU-s and ~0.2 GB each), nor
+    math-verify, which only their worker subprocesses run (~0.5 CPU-s and ~40 MB each: benchmarks/README)."""
     from aapo_ray.eval_pipeline import Score
     from aapo_ray.reference_build import ScoreShard
     from aapo_ray.scorer import RewardScorer
@@ -162,7 +163,7 @@ def test_scorer_actors_import_no_torch():
     for cls in (RewardScorer, Score, ScoreShard):
         code = f"import sys, {cls.__module__}; print(' '.join(sorted(sys.modules)))"
         loaded = set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split())
-        assert not {"torch", "transformers"} & loaded, cls.__qualname__
+        assert not {"torch", "transformers", "math_verify", "sympy"} & loaded, cls.__qualname__
 
 
 _RUN_WITH = """

@@ -3,7 +3,7 @@
 Four doors: the config (:func:`aapo_ray.config.load_config`), prompt data files
 (:func:`aapo_ray.data.load_prompt_dataset`), model directories
 (:func:`aapo_ray.models.load_model_and_tokenizer`) and completions to score
-(:class:`aapo_ray.reward.BatchScorer`, bounded time per item). This file holds the cases no
+(:class:`aapo_ray.batch_scorer.BatchScorer`, bounded time per item). This file holds the cases no
 other test has; the rest of the corpus lives next to the code it tests:
 
 config (tests/test_config.py)
@@ -333,7 +333,7 @@ BOMBS = {  # completion, gold: each scores (or times out) within the per-item bu
 
 
 def test_bad_completions_are_bounded_and_counted():
-    from aapo_ray.reward import BatchScorer
+    from aapo_ray.batch_scorer import BatchScorer
 
     timeout_s = 1.0
     fns = {"accuracy": 1.0, "format": 0.5, "cosine": 0.5}
@@ -360,7 +360,7 @@ def test_bad_completions_are_bounded_and_counted():
 
 
 def test_scientific_notation_is_not_its_mantissa():
-    from aapo_ray.reward import BatchScorer
+    from aapo_ray.batch_scorer import BatchScorer
 
     with BatchScorer({"accuracy": 1.0}, timeout_s=2.0) as scorer:
         res = scorer.score(["The answer is 1e5", "The answer is 1e5", "#### 2.5E-3"], ["1", "100000", "2.5"])

@@ -21,10 +21,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from aapo_ray.batch_scorer import REWARD_NAMES, BatchScorer, ScoreResult
 from aapo_ray.reward import (
     REWARD_FUNCTIONS,
-    BatchScorer,
-    ScoreResult,
     accuracy_reward,
     cosine_reward,
     format_reward,
@@ -204,6 +203,7 @@ def test_cosine_range_and_monotone_shape(body, length, correct):
 
 def test_registry_and_import_paths():
     assert set(REWARD_FUNCTIONS) == {"accuracy", "format", "cosine"}
+    assert tuple(REWARD_FUNCTIONS) == REWARD_NAMES  # the names a scorer's parent accepts without math-verify
     assert resolve_reward_fn("format") is format_reward
     assert resolve_reward_fn("aapo_ray.reward:cosine_reward") is cosine_reward
     assert resolve_reward_fn(f"{HERE}:none_reward") is none_reward
@@ -216,8 +216,10 @@ def test_registry_and_import_paths():
         resolve_reward_fn("aapo_ray.reward:nope")
     with pytest.raises(ValueError, match="non-callable"):
         resolve_reward_fn("aapo_ray.reward:REWARD_FUNCTIONS")
-    with pytest.raises(ValueError, match="acuracy"):
+    with pytest.raises(ValueError, match="unknown reward function 'acuracy'.*'accuracy'"):
         BatchScorer({"acuracy": 1.0})
+    with pytest.raises(ValueError, match="has no attribute 'nope'"):
+        BatchScorer({"aapo_ray.reward:nope": 1.0})
     with pytest.raises(ValueError, match="registry name or an import path"):
         BatchScorer({lambda c, g: 1.0: 1.0})
 
