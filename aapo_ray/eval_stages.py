@@ -3,9 +3,9 @@ OpenAI-compatible endpoint (:class:`EndpointGenerate`) and the scorer (:class:`S
 
 Ray Data starts a stage's actors by importing the module of its class. Here that imports neither torch,
 transformers nor math-verify (the scorer's worker subprocesses load it), so a scorer is a light process (on
-a cluster, a CPU node needs no torch for it). Only
-the local generators (:class:`aapo_ray.eval_pipeline.Generate`) load a model. The endpoint client loads
-a tokenizer, which imports transformers (and torch) when it starts."""
+a cluster, a CPU node needs no torch for it). Only the local generators
+(:class:`aapo_ray.eval_pipeline.Generate`) load a model. The endpoint client loads a tokenizer, which
+imports transformers (and torch) when it starts."""
 
 from __future__ import annotations
 

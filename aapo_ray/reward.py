@@ -28,7 +28,6 @@ __all__ = ["RewardFn", "accuracy_reward", "format_reward", "cosine_reward", "REW
            "resolve_reward_fn", "reward_counters"]
 
 RewardFn = Callable[[str, str], Optional[float]]
-log = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------- rewards
 
@@ -155,7 +154,6 @@ def resolve_reward_fn(name_or_path: Union[str, RewardFn]) -> RewardFn:
         return name_or_path
     name = str(name_or_path)
     return REWARD_FUNCTIONS[name] if name in REWARD_FUNCTIONS else import_reward_fn(name)
-
 
 
 # ----------------------------------------------------------------------------- worker side
