@@ -36,7 +36,7 @@ from aapo_ray.launch import environment, setup_actor_process
 from aapo_ray.logprobs import policy_logprobs, prepare_for_training
 from aapo_ray.models import load_model_and_tokenizer
 from aapo_ray.rollout import column_numpy, padded_tensors, sampling_temperature, shard
-from aapo_ray.weights import bucket_metadata, bucket_parameters, broadcast_buckets, init_weight_update_group
+from aapo_ray.weights import bucket_metadata, bucket_parameters, broadcast_buckets, init_weight_update_group, tcp_store
 
 CHECKPOINT_TAG = "deepspeed"  # engine.save_checkpoint(path, tag) writes path/deepspeed/...
 REQUIRED_COLUMNS = ("prompt_ids", "completion_ids", "advantage")
@@ -180,14 +180,12 @@ class LearnerActor(KeepableRole):
         import torch.distributed.distributed_c10d as c10d
 
         c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
-        # env:// would make rank 0's TCPStore listen on every interface: give it our bound socket.
-        listen = {"master_listen_fd": self._listener.fileno()} if self.rank == 0 else {}
         if torch.distributed.is_initialized():  # a kept learner (world size 1) keeps its group between runs
             if self.rank == 0:
                 self._listener.close()
-        else:
-            store = torch.distributed.TCPStore(master_addr, master_port, self.world_size, is_master=self.rank == 0,
-                                               timeout=timeout, use_libuv=True, **listen)
+        else:  # env:// would make rank 0's store listen on every interface: it serves from our bound socket
+            listen_fd = self._listener.detach() if self.rank == 0 else None
+            store = tcp_store(master_addr, master_port, self.rank, self.world_size, timeout, listen_fd)
             torch.distributed.init_process_group(self.backend, store=store, rank=self.rank,
                                                  world_size=self.world_size, timeout=timeout)
         deepspeed.init_distributed(dist_backend=self.backend, timeout=timeout, verbose=False,

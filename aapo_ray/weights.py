@@ -45,17 +45,24 @@ def bucket_metadata(named: Iterable[tuple[str, torch.Tensor]], bucket_mb: float)
              [list(t.shape) for _, t in items]) for items in bucket_layout(named, bucket_mb)]
 
 
+def tcp_store(address: str, port: int, rank: int, world_size: int, timeout: datetime.timedelta,
+              listen_fd: int | None = None) -> torch.distributed.TCPStore:
+    """A process group's rendezvous store at ``address:port``, served by rank 0. Rank 0 may pass ``listen_fd``,
+    a socket already listening on ``port`` (the store then owns it), so that no other process can take the
+    port between choosing it and listening."""
+    listen = {} if listen_fd is None else {"master_listen_fd": listen_fd}
+    return torch.distributed.TCPStore(address, port, world_size, is_master=rank == 0, timeout=timeout,
+                                      use_libuv=True, **listen)
+
+
 def init_weight_update_group(master_address: str, master_port: int, rank: int, world_size: int, group_name: str,
                              backend: str, timeout: datetime.timedelta = datetime.timedelta(minutes=10),
                              listen_fd: int | None = None):
     """A process group of its own between learner rank 0 (rank 0 here) and the generator engines, formed
     the way SGLang's ``init_weights_update_group`` forms its side (a TCP store at the master's address, a
     store prefixed by ``group_name``, registered ranks), so that both ends can ``broadcast`` on it. Rank 0
-    may pass ``listen_fd``, a socket already listening on ``master_port``: its store serves from it, so
-    no other process can take the port between choosing it and listening (the store owns the socket)."""
-    listen = {} if listen_fd is None else {"master_listen_fd": listen_fd}
-    store = torch.distributed.TCPStore(master_address, master_port, world_size, is_master=rank == 0,
-                                       timeout=timeout, use_libuv=True, **listen)
+    may pass ``listen_fd`` (:func:`tcp_store`)."""
+    store = tcp_store(master_address, master_port, rank, world_size, timeout, listen_fd)
     group, _ = c10d._new_process_group_helper(world_size, rank, [], c10d.Backend(backend),
                                               c10d.PrefixStore(group_name, store), group_name=group_name, timeout=timeout)
     c10d._world.pg_group_ranks[group] = {i: i for i in range(world_size)}
