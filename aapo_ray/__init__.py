@@ -7,8 +7,9 @@ The algorithm lives in :mod:`aapo_ray.algo` (pure torch); each Ray role has its 
 
 import os
 
-# Keep every port of a local Ray cluster on 127.0.0.1. Set here, before any module of the
-# package (or of Ray) is imported; kept light: reward worker processes import this package.
+# Keep a local Ray cluster on 127.0.0.1 (aapo_ray.launch.LOOPBACK_ENV). Set here, at the package's import, so that
+# processes this one starts (a `ray start`, a script joining its cluster) inherit it; init_ray does not rely on it,
+# as Ray reads it when ray is first imported, which may have been before this. Kept light: reward workers import this.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 __version__ = "0.1.0"

@@ -6,10 +6,13 @@ import os
 import signal
 import subprocess
 import threading
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
-import ray  # aapo_ray/__init__.py has already pinned a local cluster's ports to 127.0.0.1
+import ipaddress
+
+import ray
 import torch
+from ray._private import ray_constants
 
 # Environment every actor process gets: deterministic, quiet, bounded thread pools.
 ACTOR_ENV = {
@@ -22,6 +25,13 @@ ACTOR_ENV = {
 # True: a local cluster's workers get ACTOR_ENV from a job runtime_env as on a joined cluster (how every run did
 # before; benchmarks/startup.py's cold_runtime_env arm sets it to compare)
 WORKER_ENV_AS_RUNTIME_ENV = False
+
+# A local cluster listens on 127.0.0.1 only. Ray turns the 127.0.0.1 it is given into this host's outward IP
+# (services.resolve_ip_for_localhost) unless ray_constants.ENABLE_RAY_CLUSTER is off, and reads that from this
+# variable once, when ray is first imported: a program that imported ray before aapo_ray had its "local" cluster
+# listen on every interface (GCS, raylet, agents on :: and 0.0.0.0; the learners' rendezvous on the outward IP).
+# init_ray sets both for the start of its own cluster, whatever the import order (tests/test_secure_defaults.py).
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
 def init_ray(address: str | None = None, *, num_cpus: int | None = None, namespace: str = "aapo",
@@ -43,10 +53,40 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, namespa
     runtime_env = None if address is None and not WORKER_ENV_AS_RUNTIME_ENV else {"env_vars": env}
     kwargs = dict(namespace=namespace, runtime_env=runtime_env, log_to_driver=True)
     if address is None:  # "local": always a new cluster of our own, never one a `ray start` left running here
-        with environment({} if runtime_env else env):
+        with environment(LOOPBACK_ENV if runtime_env else {**env, **LOOPBACK_ENV}), _ray_cluster_flag(False):
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", **kwargs)
-    else:
-        ray.init(address=address, **kwargs)
+        node_ip = ray.util.get_node_ip_address()
+        if not _is_loopback(node_ip):  # a Ray that resolves 127.0.0.1 some other way
+            shutdown_ray()
+            raise RuntimeError(f"the local Ray cluster started on {node_ip}, not on 127.0.0.1, and was shut down: "
+                               f"this Ray version ({ray.__version__}) no longer keeps a local cluster on loopback as "
+                               "aapo_ray.launch expects; start one with `ray start --head --node-ip-address "
+                               "127.0.0.1` and pass its address instead")
+    else:  # a driver joining 127.0.0.1 must see itself there too, or it waits for a raylet on its outward IP
+        with _ray_cluster_flag(False) if _is_loopback(address) else nullcontext():
+            ray.init(address=address, **kwargs)
+
+
+def _is_loopback(address: str) -> bool:
+    """Whether ``address`` (an IP, ``host:port``, ``ray://host:port``, ``auto``) names this machine's loopback."""
+    host = address.split("://")[-1]
+    for candidate in (host, host.rsplit(":", 1)[0].strip("[]")):
+        try:
+            return candidate == "localhost" or ipaddress.ip_address(candidate).is_loopback
+        except ValueError:
+            pass
+    return False
+
+
+@contextmanager
+def _ray_cluster_flag(enabled: bool):
+    """Ray's ``ENABLE_RAY_CLUSTER`` (read from LOOPBACK_ENV's variable at ray's import) set inside the block."""
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = enabled
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
 
 
 def shutdown_ray() -> None:

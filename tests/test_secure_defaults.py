@@ -1,8 +1,9 @@
 """Secure defaults, checked on the real thing (sockets of real processes, real loaders, real dumps).
 
-- a local cluster started by :func:`aapo_ray.launch.init_ray` (here: by ``aapo serve``) and Serve's
-  HTTP proxy listen on loopback only: the listening TCP sockets of that command's whole process
-  tree are inspected with psutil (only processes it started, never the session's other clusters);
+- a local cluster started by :func:`aapo_ray.launch.init_ray` (here: by ``aapo serve``, and by a
+  program that imported ray first) and Serve's HTTP proxy listen on loopback only: the listening TCP
+  sockets of that command's whole process tree are inspected with psutil (only processes it started,
+  never the session's other clusters);
 - the learners' torch.distributed rendezvous store listens on loopback only;
 - model loading runs no code from the checkpoint by default: ``trust_remote_code`` is off in the
   config, the loaders and ``aapo serve``; a checkpoint whose ``auto_map`` module or pickle
@@ -106,6 +107,55 @@ def test_aapo_serve_cluster_and_proxy_listen_only_on_loopback(tiny_model_path, t
             proc.wait(timeout=30)
         except ProcessLookupError:
             pass
+
+
+# A program that imports ray before aapo_ray (Ray reads its loopback switch when first imported): init_ray's
+# cluster, with a worker started, reports back (node IP, listening sockets of its process tree beyond loopback),
+# and whether another such program joins it at 127.0.0.1.
+RAY_FIRST = """
+import ipaddress, json, os, subprocess, sys, psutil, ray
+from aapo_ray.launch import init_ray, shutdown_ray
+init_ray(num_cpus=1, namespace="ray-first")
+worker_pid = ray.get(ray.remote(lambda: __import__("os").getpid()).remote())
+exposed = []
+for p in psutil.Process().children(recursive=True):
+    try:
+        exposed += [(p.name(), c.laddr.ip) for c in p.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN
+                    and not ipaddress.ip_address(c.laddr.ip.split("%")[0].removeprefix("::ffff:")).is_loopback]
+    except psutil.Error:
+        pass
+tree = psutil.Process().children(recursive=True)
+names, worker_is_child = {p.name() for p in tree}, any(p.pid == worker_pid for p in tree)
+# a second such program (sys.argv[1]: JOIN) joins it at 127.0.0.1, without the variable aapo_ray sets for the
+# processes it starts
+env = {k: v for k, v in os.environ.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
+join = subprocess.run([sys.executable, "-c", sys.argv[1], ray.get_runtime_context().gcs_address], env=env, timeout=120,
+                      capture_output=True, text=True)
+print(json.dumps({"node_ip": ray.util.get_node_ip_address(), "exposed": exposed, "names": sorted(names),
+                  "worker_is_child": worker_is_child,
+                  "joined": join.stdout.strip().splitlines()[-1:], "join_rc": join.returncode}))
+shutdown_ray()
+"""
+JOIN = """
+import sys, ray
+from aapo_ray.launch import init_ray
+init_ray(sys.argv[1], namespace="ray-first")
+print(ray.get(ray.remote(lambda: ray.util.get_node_ip_address()).remote()), ray.util.get_node_ip_address())
+"""
+
+
+def test_a_local_cluster_stays_on_loopback_when_ray_was_imported_first():
+    """Ray decides whether 127.0.0.1 means loopback when it is first imported; a user's program that imports
+    ray before aapo_ray once got a local cluster listening on every interface. init_ray keeps it on loopback."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
+    proc = subprocess.run([sys.executable, "-c", RAY_FIRST, JOIN], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert {"gcs_server", "raylet"} <= set(report["names"]) and report["worker_is_child"], report  # saw the cluster
+    assert report["node_ip"] == "127.0.0.1", report
+    assert not report["exposed"], f"listening beyond loopback (name, ip): {report['exposed']}"
+    assert report["join_rc"] == 0 and report["joined"] == ["127.0.0.1 127.0.0.1"], report  # a driver joins it
 
 
 def test_learner_rendezvous_listens_only_on_loopback(ray_cluster, tiny_model_path):
