@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import signal
 import subprocess
 import threading
 from contextlib import contextmanager, nullcontext
-
-import ipaddress
 
 import ray
 import torch
@@ -30,7 +29,8 @@ WORKER_ENV_AS_RUNTIME_ENV = False
 # (services.resolve_ip_for_localhost) unless ray_constants.ENABLE_RAY_CLUSTER is off, and reads that from this
 # variable once, when ray is first imported: a program that imported ray before aapo_ray had its "local" cluster
 # listen on every interface (GCS, raylet, agents on :: and 0.0.0.0; the learners' rendezvous on the outward IP).
-# init_ray sets both for the start of its own cluster, whatever the import order (tests/test_secure_defaults.py).
+# init_ray sets both while it starts a cluster of its own or joins one at a loopback address, whatever the import
+# order (tests/test_secure_defaults.py).
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
@@ -60,8 +60,8 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, namespa
             shutdown_ray()
             raise RuntimeError(f"the local Ray cluster started on {node_ip}, not on 127.0.0.1, and was shut down: "
                                f"this Ray version ({ray.__version__}) no longer keeps a local cluster on loopback as "
-                               "aapo_ray.launch expects; start one with `ray start --head --node-ip-address "
-                               "127.0.0.1` and pass its address instead")
+                               "aapo_ray.launch expects; start one with `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 ray start "
+                               "--head --node-ip-address 127.0.0.1` and pass its address (--address) instead")
     else:  # a driver joining 127.0.0.1 must see itself there too, or it waits for a raylet on its outward IP
         with _ray_cluster_flag(False) if _is_loopback(address) else nullcontext():
             ray.init(address=address, **kwargs)

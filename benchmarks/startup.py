@@ -128,7 +128,8 @@ def main() -> None:
     a = ap.parse_args()
     C.model_dir("embedded")  # cached before timing
     # as the README starts a kept cluster: the variable keeps `ray start` on 127.0.0.1
-    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
+    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="token",
+               RAY_AUTH_TOKEN=secrets.token_hex(32))
     # two kept clusters: a run without ray.keep_roles kills idle kept actors that hold the CPUs it needs,
     # so the "warm" and "kept" runs must not share one
     wanted = {"warm" if arm == "warm_split" else arm for arm in a.arms} & {"warm", "kept"}

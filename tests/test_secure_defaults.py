@@ -158,6 +158,15 @@ def test_a_local_cluster_stays_on_loopback_when_ray_was_imported_first():
     assert report["join_rc"] == 0 and report["joined"] == ["127.0.0.1 127.0.0.1"], report  # a driver joins it
 
 
+@pytest.mark.parametrize("address, loopback", [
+    ("127.0.0.1", True), ("127.0.0.1:6379", True), ("localhost:6379", True), ("::1", True), ("[::1]:6379", True),
+    ("ray://127.0.0.1:10001", True), ("auto", False), ("192.0.2.2:6379", False), ("ray://head-svc:10001", False)])
+def test_which_addresses_init_ray_joins_as_loopback(address, loopback):
+    from aapo_ray.launch import _is_loopback
+
+    assert _is_loopback(address) is loopback
+
+
 def test_learner_rendezvous_listens_only_on_loopback(ray_cluster, tiny_model_path):
     from aapo_ray.config import load_config
     from aapo_ray.learner import LearnerGroup
