@@ -184,7 +184,7 @@ class RayConfig(Section):
     role_resources: dict[str, dict[str, float]] = {}  # e.g. {"scorer": {"cpu_pool": 0.1}}
     gpu_memory_gb: float = Field(80.0, gt=0)  # per GPU, for the memory plan of GPU roles (aapo_ray/memory_plan.py)
     # keep the role actors loaded after the run, for the next run on the same cluster (aapo_ray/kept_roles.py);
-    # needs a cluster that outlives the run: `ray start --head`, then --address auto
+    # needs a cluster that outlives the run: `ray start --head` (README: keep a local cluster warm), then --address auto
     keep_roles: bool = False
     # CPU roles in shared processes (aapo_ray/colocation.py): off (a process per role), split (two: policy +
     # scorers, learner + reference), one; None: split for a local cluster of the run's own with CPU roles only

@@ -122,7 +122,8 @@ def check_keep_roles(cfg: Config) -> None:
     if cfg.ray.keep_roles and not (cfg.ray.address or os.environ.get("RAY_ADDRESS") or ray.is_initialized()):
         raise ConfigError("ray.keep_roles=true keeps the roles loaded for the next run, but this run would start "
                           "its own local Ray cluster, which ends with it. Start one that outlives runs "
-                          "(`ray start --head`) and join it: aapo train --address auto ray.keep_roles=true")
+                          "(`RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 ray start --head --node-ip-address 127.0.0.1`; the "
+                          "variable keeps it on loopback) and join it: aapo train --address auto ray.keep_roles=true")
     if cfg.ray.keep_roles and cfg.rollout.weight_sync == "nccl":  # the broadcast group is formed once per process
         raise ConfigError("ray.keep_roles=true with rollout.weight_sync=nccl: a kept learner and kept generators "
                           "cannot form a new weight-update group with each other; use rollout.weight_sync=object_store "
