@@ -15,7 +15,7 @@ from __future__ import annotations
 import ray
 
 from aapo_ray.backends import make_backend, sample_rows
-from aapo_ray.launch import setup_actor_process
+from aapo_ray.actor_process import setup_actor_process
 from aapo_ray.sampling import Completions, SamplingParams, row_seeds
 
 

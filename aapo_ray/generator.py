@@ -20,7 +20,7 @@ from aapo_ray.backends import make_backend, sample_rows
 from aapo_ray.config import Config
 from aapo_ray.actor_sources import FreshActors
 from aapo_ray.kept_roles import KeepableRole
-from aapo_ray.launch import setup_actor_process
+from aapo_ray.actor_process import setup_actor_process
 from aapo_ray.rollout import make_rollout_batch
 from aapo_ray.sampling import SamplingParams, chunk_seed, engine_seed
 

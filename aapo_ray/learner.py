@@ -32,7 +32,8 @@ from aapo_ray.config import Config
 from aapo_ray.actor_sources import FreshActors
 from aapo_ray.colocation import CoLocated
 from aapo_ray.kept_roles import KeepableRole
-from aapo_ray.launch import environment, setup_actor_process
+from aapo_ray.actor_process import setup_actor_process
+from aapo_ray.launch import environment
 from aapo_ray.logprobs import policy_logprobs, prepare_for_training
 from aapo_ray.models import load_model_and_tokenizer
 from aapo_ray.rollout import column_numpy, padded_tensors, sampling_temperature, shard

@@ -69,7 +69,7 @@ from starlette.exceptions import HTTPException
 from transformers import AutoConfig
 
 from aapo_ray.backends import HFBackend, make_backend
-from aapo_ray.launch import setup_actor_process
+from aapo_ray.actor_process import setup_actor_process
 from aapo_ray.openai_api import (MAX_PROMPTS, APIError, ChatRequest, CompletionRequest, StreamText, chunk_body,
                                  completion_body, include_usage, model_card, models_body, new_id, parse_request,
                                  prompt_token_ids, resolve_max_tokens, sse, stop_strings, usage_chunk)
