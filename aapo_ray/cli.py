@@ -13,7 +13,7 @@ import sys
 from typing import Callable, NoReturn
 
 from aapo_ray.cli_args import add_parsers
-from aapo_ray.commands import COMMANDS
+from aapo_ray.commands import COMMANDS, STARTS_RAY_EARLY
 from aapo_ray.config import ConfigError, load_config
 
 
@@ -30,13 +30,18 @@ def command_runner(args: argparse.Namespace) -> Callable[[argparse.Namespace], i
     return getattr(importlib.import_module(module), name)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, start_ray_early: bool = False) -> int:
+    """Run ``aapo ARGV``; returns its exit status. ``start_ray_early`` (the console script): a command in
+    :data:`~aapo_ray.commands.STARTS_RAY_EARLY` starts its local Ray cluster while its runner imports
+    (:func:`aapo_ray.launch.start_ray_early`, which sets this process's environment for the actors)."""
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         if source := getattr(args, "config_source", None):  # the config's own errors, before any heavy import
-            load_config(*source(args))
+            cfg = load_config(*source(args))
+            if start_ray_early and args.command in STARTS_RAY_EARLY:  # light: ray, not torch
+                importlib.import_module("aapo_ray.launch").start_ray_early(cfg)
         return command_runner(args)(args)
     except ConfigError as exc:
         print(f"aapo: {exc}", file=sys.stderr)
@@ -52,10 +57,10 @@ def run() -> NoReturn:
     Ray's local cluster, shut down here as its exit hook would, and the finalisation of torch and the other
     modules, which takes 1-2 s on 2 cores and saves nothing. An exception propagates as usual (traceback,
     normal exit)."""
-    code = main()
+    code = main(start_ray_early=True)
     launch = sys.modules.get("aapo_ray.launch")  # imported only by the commands that start or join Ray
-    if launch is not None and launch.ray.is_initialized():
-        launch.shutdown_ray()
+    if launch is not None:
+        launch.shutdown_ray()  # also one still starting (an interrupt while the runner imported)
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -52,7 +52,8 @@ def train(cfg: Config, *, run_dir: str | Path | None = None, resume: bool = Fals
                               f"{run_dir}, or start this one elsewhere (another --run-dir or run.name)")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(cfg))
-    model_path = resolve_model_path(cfg)  # model and data problems surface before Ray starts
+    # model and data problems surface before any actor starts (`aapo train` starts Ray meanwhile: launch.start_ray_early)
+    model_path = resolve_model_path(cfg)
     record_model(run_dir, model_path)
     train_prompts, eval_prompts = load_prompts(cfg, model_path)
     precomputed = estimator.needs_reference and cfg.algo.reference == "precomputed"
@@ -61,7 +62,7 @@ def train(cfg: Config, *, run_dir: str | Path | None = None, resume: bool = Fals
         raise FileNotFoundError(f"--resume {run_dir}: no complete checkpoint under {ckpt.checkpoints_root(run_dir)}")
     started = time.perf_counter()
     init_ray(cfg.ray.address, num_cpus=cfg.ray.num_cpus, namespace=cfg.ray.namespace, torch_threads=cfg.run.torch_threads)
-    startup = {"time/ray_init_s": time.perf_counter() - started}
+    startup = {"time/ray_init_s": time.perf_counter() - started}  # the wait for it, where it started early
     check_cluster_fits(cfg)
     sampler = PromptSampler(train_prompts.num_rows, cfg.rollout.prompts_per_step, seed=cfg.run.seed)
     # the precomputed reference, built first (before the run's actors hold the cluster) when missing

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import atexit
 import ipaddress
+import logging
 import os
 import signal
 import subprocess
+import sys
 import threading
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 
 import ray
-import torch
 from ray._private import ray_constants
 
 # Environment every actor process gets: deterministic, quiet, bounded thread pools.
@@ -40,11 +43,10 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, namespa
 
     Idempotent: a process that is already connected keeps its connection.
     """
+    _await_early_start((address, num_cpus, namespace, torch_threads))
     if ray.is_initialized():
         return
-    env = dict(ACTOR_ENV, OMP_NUM_THREADS=str(torch_threads), MKL_NUM_THREADS=str(torch_threads))
-    if "TORCH_EXTENSIONS_DIR" in os.environ:
-        env["TORCH_EXTENSIONS_DIR"] = os.environ["TORCH_EXTENSIONS_DIR"]
+    env = worker_env(torch_threads)
     # RAY_ADDRESS is set inside `ray job submit` jobs; exported but empty, it is unset (as Ray reads it)
     address = address or os.environ.get("RAY_ADDRESS") or None
     # A cluster of our own inherits this process's environment, so its workers get ``env`` without a job
@@ -65,6 +67,87 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, namespa
     else:  # a driver joining 127.0.0.1 must see itself there too, or it waits for a raylet on its outward IP
         with _ray_cluster_flag(False) if _is_loopback(address) else nullcontext():
             ray.init(address=address, **kwargs)
+
+
+def worker_env(torch_threads: int) -> dict[str, str]:
+    """The environment of a run's actor processes: :data:`ACTOR_ENV` and bounded math-library threads."""
+    env = dict(ACTOR_ENV, OMP_NUM_THREADS=str(torch_threads), MKL_NUM_THREADS=str(torch_threads))
+    if "TORCH_EXTENSIONS_DIR" in os.environ:
+        env["TORCH_EXTENSIONS_DIR"] = os.environ["TORCH_EXTENSIONS_DIR"]
+    return env
+
+
+@dataclass
+class _EarlyStart:
+    """A local cluster being started by :func:`start_ray_early` on ``thread``; ``args`` those of its init_ray."""
+
+    args: tuple
+    thread: threading.Thread | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
+
+
+_early: _EarlyStart | None = None
+
+
+class _NoThreadWarning(logging.Filter):
+    """Drops Ray's warning that a ray.init off the main thread sets no SIGTERM handler: start_ray_early sets it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("SIGTERM handler is not set")
+
+
+def start_ray_early(cfg) -> bool:
+    """For ``aapo train`` (:func:`aapo_ray.cli.run`), right after its config parsed: start the run's local cluster
+    (as the driver's :func:`init_ray` would) on a thread, so that Ray's daemons come up while this process imports
+    torch and transformers and checks the model and the prompts (~4 s on 2 cores, which Ray's start left on one
+    core). The driver's ``init_ray`` then waits for it; so does :func:`shutdown_ray`, and, on any other exit, this
+    process's last ``atexit`` hook. Does nothing (returns False) for a run that joins a cluster (``ray.address``,
+    ``RAY_ADDRESS``, ``ray.keep_roles``) or in a process already connected.
+
+    For a process of its own: the actors' environment (:func:`worker_env`) is set on the whole process first,
+    as an ``init_ray`` on another thread would otherwise change ``os.environ`` under this one's imports."""
+    global _early
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
+    if address or cfg.ray.keep_roles or ray.is_initialized() or _early is not None:
+        return False
+    os.environ.update({**worker_env(cfg.run.torch_threads), **LOOPBACK_ENV})
+    if threading.current_thread() is threading.main_thread():  # what ray.init does on the main thread only
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
+    _early = _EarlyStart((cfg.ray.address, cfg.ray.num_cpus, cfg.ray.namespace, cfg.run.torch_threads))
+    _early.thread = threading.Thread(target=_start_in_thread, args=(_early,), name="aapo-ray-start", daemon=True)
+    atexit.register(shutdown_ray)  # runs before Ray's own hook (registered at ray's import), after init finished
+    _early.thread.start()
+    return True
+
+
+def _start_in_thread(early: _EarlyStart) -> None:
+    address, num_cpus, namespace, torch_threads = early.args
+    ray_worker_log = logging.getLogger(ray._private.worker.__name__)
+    quiet = _NoThreadWarning()
+    ray_worker_log.addFilter(quiet)
+    try:
+        init_ray(address, num_cpus=num_cpus, namespace=namespace, torch_threads=torch_threads)
+    except BaseException as exc:  # noqa: BLE001 - raised again by the init_ray that waits for it
+        early.error = exc
+    finally:
+        ray_worker_log.removeFilter(quiet)
+        early.done.set()
+    # Ray's daemons die with the thread that started them (PR_SET_PDEATHSIG, Ray's services on Linux), so this
+    # one stays until the process ends
+    threading.Event().wait()
+
+
+def _await_early_start(args: tuple | None) -> None:
+    """Wait for a :func:`start_ray_early` in progress (not from its own thread); raise what it raised. ``args``:
+    the waiting init_ray's, which must be those the early start used (None: any, for a shutdown)."""
+    if _early is None or threading.current_thread() is _early.thread:
+        return
+    _early.done.wait()
+    if args is not None and args != _early.args:
+        raise RuntimeError(f"init_ray{args} after start_ray_early started a cluster with {_early.args}")
+    if args is not None and _early.error is not None:
+        raise _early.error
 
 
 def _is_loopback(address: str) -> bool:
@@ -95,7 +178,11 @@ def shutdown_ray() -> None:
     Ray 2.60 stops the GCS before the monitor, whose SIGTERM handler then tries to report its own end to
     that GCS until Ray's one-second grace period is over and it is killed (``Node._kill_process_impl``). A
     cluster this process started has no other node to scale, so its monitor is killed first and Ray skips
-    it. A joined cluster is only disconnected from, as by ``ray.shutdown()``."""
+    it. A joined cluster is only disconnected from, as by ``ray.shutdown()``. Waits for a
+    :func:`start_ray_early` in progress first; a no-op where Ray is not initialized."""
+    _await_early_start(None)
+    if not ray.is_initialized():
+        return
     node = getattr(ray._private.worker, "_global_node", None)  # the head node started here, if any
     for info in getattr(node, "all_processes", {}).get("monitor", []):
         if info.process.poll() is None:
@@ -120,13 +207,6 @@ def environment(env: dict[str, str]):
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-
-
-def setup_actor_process(torch_threads: int, seed: int | None = None) -> None:
-    """Called first in every actor: bound torch's threads (2 cores are shared by all roles) and seed."""
-    torch.set_num_threads(torch_threads)
-    if seed is not None:
-        torch.manual_seed(seed)
 
 
 @contextmanager

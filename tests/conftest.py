@@ -32,7 +32,7 @@ FILE_SECONDS = {
     "test_faults.py": 197, "test_driver_faults.py": 192, "test_learner.py": 141, "test_eval.py": 139,
     "test_colocation.py": 124, "test_models.py": 121, "test_submit.py": 100, "test_reference_cache.py": 77,
     "test_kept_roles.py": 63, "test_serve.py": 62, "test_roles.py": 61, "test_serve_logprobs.py": 58,
-    "test_eval_cluster.py": 57, "test_secure_defaults.py": 43, "test_driver.py": 42, "test_sglang_backend.py": 32,
+    "test_eval_cluster.py": 57, "test_secure_defaults.py": 43, "test_launch.py": 20, "test_driver.py": 42, "test_sglang_backend.py": 32,
     "test_architecture.py": 29, "test_memory_plan.py": 24, "test_reward.py": 23, "test_logprobs.py": 21,
     "test_bad_input.py": 10, "test_sglang_contract.py": 8, "test_cluster.py": 7, "test_serve_offline.py": 4,
     "test_serve_continuous.py": 3, "test_config.py": 2, "test_algo.py": 2, "test_benchmarks.py": 1,

@@ -169,7 +169,7 @@ def test_scorer_actors_import_neither_torch_nor_math_verify():
 _RUN_WITH = """
 import aapo_ray.cli as cli
 
-def fake_main():
+def fake_main(**kwargs):  # run() passes start_ray_early=True
     print("status", 7, end="")  # no newline: still in the buffer of a piped stdout
     return 7
 

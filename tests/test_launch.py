@@ -1,0 +1,93 @@
+"""``aapo train`` starts its local Ray cluster on a thread while it imports torch and checks its inputs
+(:func:`aapo_ray.launch.start_ray_early`); the driver's ``init_ray`` then waits for that start.
+
+Each case runs in a process of its own: the early start changes that process's environment and starts a
+cluster there. Where the time goes: ``benchmarks/startup.py`` (its ``cold_late_ray`` arm is the start as before).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import psutil
+
+EARLY_START = r"""
+import json, os, sys, threading, time
+import ray
+from aapo_ray import launch
+from aapo_ray.config import load_config
+
+report = {"torch_before": "torch" in sys.modules}
+# a run that joins a cluster, keeps its roles, or runs inside a Ray job starts nothing early
+report["skipped"] = [launch.start_ray_early(load_config(None, o)) for o in (["ray.address=auto"],
+                     ["ray.address=127.0.0.1:6379", "ray.keep_roles=true"])]
+os.environ["RAY_ADDRESS"] = "127.0.0.1:1"
+report["skipped"].append(launch.start_ray_early(load_config(None, [])))
+del os.environ["RAY_ADDRESS"]
+cfg = load_config(None, ["run.torch_threads=1"])
+report["started"] = launch.start_ray_early(cfg)
+report["threads"] = [t.name for t in threading.enumerate()]
+report["env_set"] = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "TRANSFORMERS_VERBOSITY")}
+import torch  # what the start overlaps
+try:
+    launch.init_ray(cfg.ray.address, num_cpus=3, namespace=cfg.ray.namespace, torch_threads=1)
+except RuntimeError as exc:
+    report["mismatch"] = str(exc)
+launch.init_ray(cfg.ray.address, num_cpus=cfg.ray.num_cpus, namespace=cfg.ray.namespace, torch_threads=1)
+node = ray._private.worker._global_node
+report["daemons"] = [p.process.pid for kind in ("gcs_server", "raylet") for p in node.all_processes.get(kind, [])]
+time.sleep(3)  # the start thread's init returned long ago: the cluster must still be there
+
+@ray.remote
+def probe():
+    return {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "TRANSFORMERS_VERBOSITY")}, ray.util.get_node_ip_address()
+
+report["actor_env"], report["node_ip"] = ray.get(probe.remote(), timeout=60)
+launch.shutdown_ray()
+print(json.dumps(report))
+"""
+
+
+def test_the_early_start_is_the_clusters_start_and_outlives_its_thread():
+    proc = subprocess.run([sys.executable, "-c", EARLY_START], capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["skipped"] == [False, False, False] and report["started"] is True
+    assert not report["torch_before"] and "aapo-ray-start" in report["threads"]
+    # set on the whole process before the thread starts, so its imports never see os.environ change
+    assert report["env_set"] == {"OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    assert "after start_ray_early started a cluster with" in report["mismatch"]
+    # Ray's daemons were started from the thread (they die with it: PR_SET_PDEATHSIG); still serving tasks
+    assert report["actor_env"] == {"OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    assert report["node_ip"] == "127.0.0.1"
+    assert "SIGTERM handler is not set" not in proc.stderr  # Ray's off-main-thread warning: handled here
+    time.sleep(1)
+    assert not [pid for pid in report["daemons"] if psutil.pid_exists(pid)
+                and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+
+
+CLI_WIRING = r"""
+import json, sys, threading
+import aapo_ray.cli as cli
+
+seen = []
+def runner(args):  # stands in for the command's runner, which imports torch and the driver
+    seen.append([args.command, any(t.name == "aapo-ray-start" for t in threading.enumerate()), "torch" in sys.modules])
+    return 0
+
+cli.command_runner = lambda args: runner
+for argv, early in ((["check-config"], True), (["train", "run.steps=1"], False), (["train", "run.steps=1"], True)):
+    cli.main(argv, start_ray_early=early)
+sys.modules["aapo_ray.launch"].shutdown_ray()
+print(json.dumps(seen))
+"""
+
+
+def test_only_the_console_scripts_train_starts_ray_before_its_runner_imports():
+    proc = subprocess.run([sys.executable, "-c", CLI_WIRING], capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == [
+        ["check-config", False, False], ["train", False, False], ["train", True, False]]
