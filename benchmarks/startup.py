@@ -7,16 +7,18 @@ Per round: ``python -c "import aapo_ray.train_cli"`` (imports), ``aapo --help``,
 (``cold_off``: before co-location), and the default again through the old exit (``cold_full_exit``:
 ``sys.exit(main())``, the interpreter's full teardown, as before ``aapo_ray.cli.run``) and through a job
 runtime_env (``cold_runtime_env``: the local cluster's workers get their environment from a job runtime_env,
-each started through Ray's setup_worker, as before ``init_ray`` let them inherit it); joining a local cluster kept warm with ``ray start --head`` (``warm``:
+each started through Ray's setup_worker, as before ``init_ray`` let them inherit it) and with the cluster started
+only once the driver imported and checked its inputs (``cold_late_ray``: as before ``aapo_ray.launch.start_ray_early``
+overlapped the two); joining a local cluster kept warm with ``ray start --head`` (``warm``:
 ``--address``, a process per role; ``warm_split``: two processes), and joining it with ``ray.keep_roles=true``
 (``kept``: the role actors an earlier run left loaded are re-initialised in place; one untimed run first
 leaves them there). From the run's step-0 metrics: ``time/ray_init_s``
-(the local cluster) and ``time/roles_start_s`` (every role up: generators, scorer, DeepSpeed learners,
+(the local cluster: what of its start the driver waited for) and ``time/roles_start_s`` (every role up: generators, scorer, DeepSpeed learners,
 started concurrently); ``shutdown_s``: from the last metrics row written to the process's exit (final
 checkpoint, roles stopped, plot, Ray's shutdown, the interpreter's exit). Fixed cost = wall - the steps' own
 time; the rest of it (interpreter, imports, config, model and prompt checks) is ``other``. Rounds are interleaved with nothing else.
 
-Usage: python benchmarks/startup.py [--rounds 3] [--steps 12] [--arms cold cold_runtime_env ...]
+Usage: python benchmarks/startup.py [--rounds 3] [--steps 12] [--arms cold cold_runtime_env ...] [--memory-every 0]
 """
 
 from __future__ import annotations
@@ -40,7 +42,10 @@ FULL_EXIT = (sys.executable, "-c", "import sys; from aapo_ray.cli import main; s
 # `aapo` with its local cluster's workers given their environment by a job runtime_env, as before
 RUNTIME_ENV = (sys.executable, "-c", "import aapo_ray.launch as launch; launch.WORKER_ENV_AS_RUNTIME_ENV = True; "
                "from aapo_ray.cli import run; run()")
-ARMS = ("cold", "cold_runtime_env", "cold_one", "cold_off", "cold_full_exit", "warm", "warm_split", "kept")
+# `aapo` with its local cluster started by the driver's init_ray, after its imports and input checks, as before
+LATE_RAY = (sys.executable, "-c", "import aapo_ray.cli as cli; main = cli.main; "
+            "cli.main = lambda **kw: main(start_ray_early=False); cli.run()")
+ARMS = ("cold", "cold_late_ray", "cold_runtime_env", "cold_one", "cold_off", "cold_full_exit", "warm", "warm_split", "kept")
 
 
 def free_port() -> int:
@@ -72,15 +77,24 @@ def stop_cluster(temp_dir: Path, port: int) -> None:
     psutil.wait_procs(procs, timeout=10)
 
 
+# seconds between the memory sampler's looks at the process tree (it takes ~15% of a core); 0: no sampler
+MEMORY_EVERY = 0.2
+
+
 def timed(cmd: list[str], **kw) -> tuple[float, float, dict, float]:
     """(wall seconds, peak RSS MB of the process tree, that peak split by role / process, peak PSS MB)."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=C.REPO, **kw)
-    with C.RssSampler(interval=0.2, pid=proc.pid) as rss:
+    if MEMORY_EVERY:
+        with C.RssSampler(interval=MEMORY_EVERY, pid=proc.pid) as rss:
+            out, err = proc.communicate()
+        peaks = rss.peak_mb, rss.peak_parts, rss.peak_pss_mb
+    else:
         out, err = proc.communicate()
+        peaks = float("nan"), {}, float("nan")
     if proc.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err[-3000:]}")
-    return time.perf_counter() - start, rss.peak_mb, rss.peak_parts, rss.peak_pss_mb
+    return time.perf_counter() - start, *peaks
 
 
 def cluster_memory(temp_dir: Path, port: int) -> dict:
@@ -121,11 +135,15 @@ def one_round(steps: int, address: str | None = None, env: dict | None = None, e
 
 
 def main() -> None:
+    global MEMORY_EVERY
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS), help="a subset of the arms (default: all)")
+    ap.add_argument("--memory-every", type=float, default=MEMORY_EVERY,
+                    help="seconds between samples of the runs' memory; 0 times them without the sampler")
     a = ap.parse_args()
+    MEMORY_EVERY = a.memory_every
     C.model_dir("embedded")  # cached before timing
     # as the README starts a kept cluster: the variable keeps `ray start` on 127.0.0.1
     env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="token",
@@ -148,6 +166,7 @@ def main() -> None:
         if "kept" in clusters:
             joined("kept", keep)  # leaves the roles loaded for the timed "kept" runs
         arms = {"cold": lambda r: one_round(a.steps),
+                "cold_late_ray": lambda r: one_round(a.steps, command=LATE_RAY),
                 "cold_runtime_env": lambda r: one_round(a.steps, command=RUNTIME_ENV),
                 "cold_one": lambda r: one_round(a.steps, extra=("ray.colocate=one",)),
                 "cold_off": lambda r: one_round(a.steps, extra=("ray.colocate=off",)),
@@ -165,7 +184,8 @@ def main() -> None:
     print(C.table([{"": k, **{f"{arm} median": C.median([r.get(k, float("nan")) for r in res[arm]]) for arm in res},
                     **{f"{arm} range": f"{min(r.get(k, float('nan')) for r in res[arm]):.3g}-"
                                        f"{max(r.get(k, float('nan')) for r in res[arm]):.3g}" for arm in res}} for k in keys]))
-    for arm, base, key in (("kept", "warm", "fixed_s"), ("cold", "cold_full_exit", "shutdown_s"),
+    for arm, base, key in (("cold", "cold_late_ray", "fixed_s"), ("cold", "cold_late_ray", "wall_s"),
+                           ("kept", "warm", "fixed_s"), ("cold", "cold_full_exit", "shutdown_s"),
                            ("cold", "cold_full_exit", "fixed_s"), ("cold", "cold_off", "fixed_s"), ("cold_one", "cold_off", "fixed_s"),
                            ("cold", "cold_off", "steps_s"), ("cold_one", "cold_off", "steps_s"),
                            ("cold", "cold_off", "peak_pss_mb"), ("cold_one", "cold_off", "peak_pss_mb"),
@@ -183,6 +203,7 @@ def main() -> None:
           "`ray start` and are not in it; cluster_rss_mb is the kept cluster's processes after the run (with "
           "ray.keep_roles the loaded roles stay there)")
     name = "startup" if set(a.arms) == set(ARMS) else "_".join(["startup", *(arm for arm in ARMS if arm in a.arms)])
+    name += "" if MEMORY_EVERY else "_no_memory"
     path = C.save(name, {"machine": C.machine(), "args": vars(a), "rounds": res})
     print(f"wrote {path}")
 
