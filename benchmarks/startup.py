@@ -38,7 +38,7 @@ from aapo_ray.compare import mean_ci
 
 AAPO = str(Path(sys.executable).with_name("aapo"))
 # `aapo` as it was before its console script skipped the interpreter's teardown (aapo_ray.cli.run)
-FULL_EXIT = (sys.executable, "-c", "import sys; from aapo_ray.cli import main; sys.exit(main())")
+FULL_EXIT = (sys.executable, "-c", "import sys; from aapo_ray.cli import main; sys.exit(main(start_ray_early=True))")
 # `aapo` with its local cluster's workers given their environment by a job runtime_env, as before
 RUNTIME_ENV = (sys.executable, "-c", "import aapo_ray.launch as launch; launch.WORKER_ENV_AS_RUNTIME_ENV = True; "
                "from aapo_ray.cli import run; run()")
