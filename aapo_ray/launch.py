@@ -47,8 +47,7 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, namespa
     if ray.is_initialized():
         return
     env = worker_env(torch_threads)
-    # RAY_ADDRESS is set inside `ray job submit` jobs; exported but empty, it is unset (as Ray reads it)
-    address = address or os.environ.get("RAY_ADDRESS") or None
+    address = cluster_address(address)
     # A cluster of our own inherits this process's environment, so its workers get ``env`` without a job
     # runtime_env: one would start each worker through Ray's setup_worker (a second `import ray` before the
     # worker's own: ~0.7 CPU-s and ~0.4 s more per actor, benchmarks/startup.py). A joined cluster needs it.
@@ -67,6 +66,12 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, namespa
     else:  # a driver joining 127.0.0.1 must see itself there too, or it waits for a raylet on its outward IP
         with _ray_cluster_flag(False) if _is_loopback(address) else nullcontext():
             ray.init(address=address, **kwargs)
+
+
+def cluster_address(address: str | None) -> str | None:
+    """The cluster to join: ``address``, else ``RAY_ADDRESS`` (set inside `ray job submit` jobs; exported but
+    empty, it is unset, as Ray reads it); None: a local cluster of this run's own."""
+    return address or os.environ.get("RAY_ADDRESS") or None
 
 
 def worker_env(torch_threads: int) -> dict[str, str]:
@@ -108,8 +113,7 @@ def start_ray_early(cfg) -> bool:
     For a process of its own: the actors' environment (:func:`worker_env`) is set on the whole process first,
     as an ``init_ray`` on another thread would otherwise change ``os.environ`` under this one's imports."""
     global _early
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
-    if address or cfg.ray.keep_roles or ray.is_initialized() or _early is not None:
+    if cluster_address(cfg.ray.address) or cfg.ray.keep_roles or ray.is_initialized() or _early is not None:
         return False
     os.environ.update({**worker_env(cfg.run.torch_threads), **LOOPBACK_ENV})
     if threading.current_thread() is threading.main_thread():  # what ray.init does on the main thread only
