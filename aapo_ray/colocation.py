@@ -28,11 +28,11 @@ gives one process per role (per-role restarts and ``ray::`` process titles).
 from __future__ import annotations
 
 import logging
-import os
 
 import ray
 
 from aapo_ray.config import Config, ConfigError
+from aapo_ray.launch import cluster_address
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ def colocate_mode(cfg: Config) -> str:
     cluster of its own whose roles are CPU roles with one learner (the embedded default's shape)."""
     if cfg.ray.colocate is not None:
         return cfg.ray.colocate
-    own_cluster = not (cfg.ray.address or os.environ.get("RAY_ADDRESS"))
+    own_cluster = cluster_address(cfg.ray.address) is None
     return "split" if own_cluster and not colocate_refusal(cfg) else "off"
 
 

@@ -18,6 +18,7 @@ from aapo_ray.colocation import check_colocate, role_cpus
 from aapo_ray.config import EMBEDDED_MODEL, Config, ConfigError, load_config
 from aapo_ray.data import load_prompt_dataset, render_prompts
 from aapo_ray.embedded import default_model_path, model_identity
+from aapo_ray.launch import cluster_address
 from aapo_ray.memory_plan import check_memory
 from aapo_ray.reference_cache import cache_dir, check_manifest, identity
 from aapo_ray.reward import resolve_reward_fn
@@ -119,7 +120,7 @@ def check_cluster_fits(cfg: Config) -> None:
 
 def check_keep_roles(cfg: Config) -> None:
     """``ray.keep_roles`` keeps actors for later runs: refuse it where the cluster ends with this run."""
-    if cfg.ray.keep_roles and not (cfg.ray.address or os.environ.get("RAY_ADDRESS") or ray.is_initialized()):
+    if cfg.ray.keep_roles and not (cluster_address(cfg.ray.address) or ray.is_initialized()):
         raise ConfigError("ray.keep_roles=true keeps the roles loaded for the next run, but this run would start "
                           "its own local Ray cluster, which ends with it. Start one that outlives runs "
                           "(`RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 ray start --head --node-ip-address 127.0.0.1`; the "
