@@ -10,8 +10,10 @@ import importlib
 import logging
 import os
 import sys
+from contextlib import nullcontext
 from typing import Callable, NoReturn
 
+from aapo_ray import import_gc
 from aapo_ray.cli_args import add_parsers
 from aapo_ray.commands import COMMANDS, STARTS_RAY_EARLY
 from aapo_ray.config import ConfigError, load_config
@@ -24,16 +26,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def command_runner(args: argparse.Namespace) -> Callable[[argparse.Namespace], int]:
-    """The function that runs the parsed command, ``args -> exit status`` (its module is imported here)."""
+def command_runner(args: argparse.Namespace, *, without_gc: bool = False) -> Callable[[argparse.Namespace], int]:
+    """The function that runs the parsed command, ``args -> exit status`` (its module is imported here;
+    ``without_gc``: with the garbage collector off, then frozen, :func:`aapo_ray.import_gc.imports_without_gc`)."""
     module, _, name = COMMANDS[args.command][0].partition(":")
-    return getattr(importlib.import_module(module), name)
+    with import_gc.imports_without_gc() if without_gc else nullcontext():
+        return getattr(importlib.import_module(module), name)
 
 
-def main(argv: list[str] | None = None, *, start_ray_early: bool = False) -> int:
-    """Run ``aapo ARGV``; returns its exit status. ``start_ray_early`` (the console script): a command in
-    :data:`~aapo_ray.commands.STARTS_RAY_EARLY` starts its local Ray cluster while its runner imports
-    (:func:`aapo_ray.launch.start_ray_early`, which sets this process's environment for the actors)."""
+def main(argv: list[str] | None = None, *, start_ray_early: bool = False, imports_without_gc: bool = False) -> int:
+    """Run ``aapo ARGV``; returns its exit status. The console script passes both flags. ``start_ray_early``:
+    a command in :data:`~aapo_ray.commands.STARTS_RAY_EARLY` starts its local Ray cluster while its runner
+    imports (:func:`aapo_ray.launch.start_ray_early`, which sets this process's environment for the actors).
+    ``imports_without_gc``: the runner's module is imported with the garbage collector off (:func:`command_runner`)."""
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -42,7 +47,7 @@ def main(argv: list[str] | None = None, *, start_ray_early: bool = False) -> int
             cfg = load_config(*source(args))
             if start_ray_early and args.command in STARTS_RAY_EARLY:  # light: ray, not torch
                 importlib.import_module("aapo_ray.launch").start_ray_early(cfg)
-        return command_runner(args)(args)
+        return command_runner(args, without_gc=imports_without_gc)(args)
     except ConfigError as exc:
         print(f"aapo: {exc}", file=sys.stderr)
         return 2
@@ -57,7 +62,7 @@ def run() -> NoReturn:
     Ray's local cluster, shut down here as its exit hook would, and the finalisation of torch and the other
     modules, which takes 1-2 s on 2 cores and saves nothing. An exception propagates as usual (traceback,
     normal exit)."""
-    code = main(start_ray_early=True)
+    code = main(start_ray_early=True, imports_without_gc=True)
     launch = sys.modules.get("aapo_ray.launch")  # imported only by the commands that start or join Ray
     if launch is not None:
         launch.shutdown_ray()  # also one still starting (an interrupt while the runner imported)

@@ -31,6 +31,7 @@ import logging
 
 import ray
 
+from aapo_ray import import_gc
 from aapo_ray.config import Config, ConfigError
 from aapo_ray.launch import cluster_address
 
@@ -45,6 +46,9 @@ class RoleHost:
     """An actor process of co-located roles; ``call`` runs one role's method in that role's thread."""
 
     def __init__(self):
+        # the roles' classes arrive with the first ``add`` calls, whose arguments import torch, transformers (and
+        # DeepSpeed) before ``add`` runs: without the garbage collector (aapo_ray.import_gc), back on in ``add``
+        import_gc.pause_for_imports()
         self.roles: dict[str, object] = {}
         self.start_errors: dict[str, BaseException] = {}
 
@@ -54,6 +58,7 @@ class RoleHost:
     def add(self, key: str, actor_class: type, args: tuple) -> None:
         """Build a role (``actor_class(*args)``) under ``key``, replacing (and closing) any earlier one. If
         that raises, the role's calls raise the same error (as an actor whose ``__init__`` failed)."""
+        import_gc.imports_done()  # before the role builds its models: their garbage is collected as usual
         self.drop(key)
         try:
             self.roles[key] = actor_class(*args)

@@ -1,5 +1,11 @@
 """Code the tests hand to Ray processes by name (reward workers, co-located roles): keep its imports light."""
 
+import gc
+
+# whether this module was imported with the garbage collector on (a co-located role's host and the `aapo` script
+# import role classes and command runners without it: aapo_ray.import_gc)
+IMPORTED_WITH_GC = gc.isenabled()
+
 
 def text_hash_reward(completion: str, gold: str) -> float:  # noqa: ARG001 - the reward-function signature
     """0 or 1 from the completion's characters: varies with every sampled token, so runs whose samples differ
@@ -23,3 +29,7 @@ class Echo:
 
     def fail(self):
         raise KeyError("no such thing")
+
+    def gc_state(self) -> dict:
+        """This process's garbage collector: on at the import of this module, on now, anything frozen."""
+        return {"imported_with_gc": IMPORTED_WITH_GC, "on": gc.isenabled(), "frozen": gc.get_freeze_count() > 0}

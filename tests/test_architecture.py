@@ -2,6 +2,7 @@
 module past 500 lines, and function-level imports only of heavy third-party libraries, each with a reason."""
 
 import ast
+import json
 import os
 import subprocess
 import sys
@@ -169,8 +170,8 @@ def test_scorer_actors_import_neither_torch_nor_math_verify():
 _RUN_WITH = """
 import aapo_ray.cli as cli
 
-def fake_main(**kwargs):  # run() passes start_ray_early=True
-    print("status", 7, end="")  # no newline: still in the buffer of a piped stdout
+def fake_main(**kwargs):  # the flags run() passes
+    print("status", 7, sorted(k for k, v in kwargs.items() if v), end="")  # no newline: still in a piped stdout's buffer
     return 7
 
 cli.main = fake_main
@@ -186,7 +187,31 @@ def test_the_console_script_exits_with_mains_status_and_its_output_flushed():
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # a buffered stdout, as in a pipe
     proc = subprocess.run([sys.executable, "-c", _RUN_WITH], capture_output=True, text=True, timeout=60, env=env)
     assert proc.returncode == 7, proc.stderr[-2000:]
-    assert proc.stdout == "status 7"
+    assert proc.stdout == "status 7 ['imports_without_gc', 'start_ray_early']"
+
+
+_RUNNER_IMPORT = """
+import argparse, gc, json, sys
+import aapo_ray.cli as cli
+
+cli.COMMANDS["probe"] = ("tests.remote_helpers:text_hash_reward",)  # a light module that records the collector
+runner = cli.command_runner(argparse.Namespace(command="probe"), without_gc=sys.argv[1] == "1")
+import tests.remote_helpers as helpers
+print(json.dumps([helpers.IMPORTED_WITH_GC, gc.isenabled(), gc.get_freeze_count() > 0, runner.__name__]))
+"""
+
+
+def test_the_console_script_imports_its_runner_without_the_garbage_collector():
+    """``run`` imports the command's runner with the collector off, then freezes what it loaded and turns the
+    collector back on (aapo_ray.import_gc); an in-process ``main`` (a library caller's process) leaves it alone."""
+    def state(without_gc: bool) -> list:
+        proc = subprocess.run([sys.executable, "-c", _RUNNER_IMPORT, str(int(without_gc))], capture_output=True,
+                              text=True, timeout=60, cwd=Path(__file__).parent.parent)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return json.loads(proc.stdout)
+
+    assert state(True) == [False, True, True, "text_hash_reward"]
+    assert state(False) == [True, True, False, "text_hash_reward"]
 
 
 def test_every_test_file_has_a_scheduling_weight():

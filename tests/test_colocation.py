@@ -60,6 +60,9 @@ def test_hosted_roles_behave_like_actor_handles(ray_cluster, tiny_model_path, tm
         scorer = source.start(Echo, {}, ("s:",), role="scorer", index=0)
         learner = source.start(Echo, {}, ("l:",), role="learner", index=0)
         assert scorer.host != learner.host  # split: scorers beside the policy, the learner beside the reference
+        # the host imported the role's class (with add's arguments) without the garbage collector, then froze the
+        # imports and turned it back on before building the role (aapo_ray.import_gc)
+        assert ray.get(policy.gc_state.remote()) == {"imported_with_gc": False, "on": True, "frozen": True}
         text, n = scorer.pair.options(num_returns=2).remote(ray.put("abc"))  # a top-level ref is resolved
         assert ray.get([text, n]) == ["s:abc", 3]
         with pytest.raises(ray.exceptions.RayTaskError) as err:

@@ -78,7 +78,7 @@ def runner(args):  # stands in for the command's runner, which imports torch and
     seen.append([args.command, any(t.name == "aapo-ray-start" for t in threading.enumerate()), "torch" in sys.modules])
     return 0
 
-cli.command_runner = lambda args: runner
+cli.command_runner = lambda args, **kwargs: runner
 for argv, early in ((["check-config"], True), (["train", "run.steps=1"], False), (["train", "run.steps=1"], True)):
     cli.main(argv, start_ray_early=early)
 sys.modules["aapo_ray.launch"].shutdown_ray()
