@@ -12,13 +12,15 @@ only once the driver imported and checked its inputs (``cold_late_ray``: as befo
 overlapped the two); joining a local cluster kept warm with ``ray start --head`` (``warm``:
 ``--address``, a process per role; ``warm_split``: two processes), and joining it with ``ray.keep_roles=true``
 (``kept``: the role actors an earlier run left loaded are re-initialised in place; one untimed run first
-leaves them there). From the run's step-0 metrics: ``time/ray_init_s``
+leaves them there); and the default run of another checkout (``cold_baseline``, with ``--baseline DIR``: e.g. a
+``git worktree`` of an earlier commit, whose code every process of the run then imports). From the run's step-0 metrics: ``time/ray_init_s``
 (the local cluster: what of its start the driver waited for) and ``time/roles_start_s`` (every role up: generators, scorer, DeepSpeed learners,
 started concurrently); ``shutdown_s``: from the last metrics row written to the process's exit (final
 checkpoint, roles stopped, plot, Ray's shutdown, the interpreter's exit). Fixed cost = wall - the steps' own
 time; the rest of it (interpreter, imports, config, model and prompt checks) is ``other``. Rounds are interleaved with nothing else.
 
 Usage: python benchmarks/startup.py [--rounds 3] [--steps 12] [--arms cold cold_runtime_env ...] [--memory-every 0]
+       [--baseline DIR]
 """
 
 from __future__ import annotations
@@ -45,7 +47,10 @@ RUNTIME_ENV = (sys.executable, "-c", "import aapo_ray.launch as launch; launch.W
 # `aapo` with its local cluster started by the driver's init_ray, after its imports and input checks, as before
 LATE_RAY = (sys.executable, "-c", "import aapo_ray.cli as cli; main = cli.main; "
             "cli.main = lambda **kw: main(start_ray_early=False); cli.run()")
-ARMS = ("cold", "cold_late_ray", "cold_runtime_env", "cold_one", "cold_off", "cold_full_exit", "warm", "warm_split", "kept")
+# `aapo` from another checkout (--baseline DIR, e.g. a `git worktree` of an earlier commit): the process starts in
+# DIR, and DIR leads PYTHONPATH, which the cluster's workers inherit, so every process of the run imports its code
+BASELINE = (sys.executable, "-c", "from aapo_ray.cli import run; run()")
+ARMS = ("cold", "cold_baseline", "cold_late_ray", "cold_runtime_env", "cold_one", "cold_off", "cold_full_exit", "warm", "warm_split", "kept")
 
 
 def free_port() -> int:
@@ -81,10 +86,10 @@ def stop_cluster(temp_dir: Path, port: int) -> None:
 MEMORY_EVERY = 0.2
 
 
-def timed(cmd: list[str], **kw) -> tuple[float, float, dict, float]:
+def timed(cmd: list[str], cwd: Path = C.REPO, **kw) -> tuple[float, float, dict, float]:
     """(wall seconds, peak RSS MB of the process tree, that peak split by role / process, peak PSS MB)."""
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=C.REPO, **kw)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd, **kw)
     if MEMORY_EVERY:
         with C.RssSampler(interval=MEMORY_EVERY, pid=proc.pid) as rss:
             out, err = proc.communicate()
@@ -113,16 +118,16 @@ def cluster_memory(temp_dir: Path, port: int) -> dict:
 
 
 def one_round(steps: int, address: str | None = None, env: dict | None = None, extra: tuple = (),
-              command: tuple = (AAPO,)) -> dict:
+              command: tuple = (AAPO,), cwd: Path = C.REPO) -> dict:
     from aapo_ray.metrics import read_metrics
 
-    imports, *_ = timed([sys.executable, "-c", "import aapo_ray.train_cli"])
-    help_s, *_ = timed([AAPO, "--help"])
+    imports, *_ = timed([sys.executable, "-c", "import aapo_ray.train_cli"], cwd, env=env)
+    help_s, *_ = timed([*command, "--help"], cwd, env=env)
     join = ["--address", address] if address else []
     with tempfile.TemporaryDirectory(prefix="aapo-startup-") as tmp:
         wall, peak, parts_mb, pss = timed([*command, "train", *join, "--run-dir", f"{tmp}/run", "--no-progress",
                                            f"run.steps={steps}", "run.eval_every=0", "run.save_every=0", "data.eval=null",
-                                           *extra], env=env)
+                                           *extra], cwd, env=env)
         # from the last metrics row written to the process's exit (+ up to the RSS sampler's 0.2 s)
         shutdown = time.time() - (Path(tmp) / "run" / "metrics.jsonl").stat().st_mtime
         rows = read_metrics(Path(tmp) / "run")
@@ -139,10 +144,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=12)
-    ap.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS), help="a subset of the arms (default: all)")
+    ap.add_argument("--arms", nargs="+", choices=ARMS, help="a subset of the arms (default: all; cold_baseline only "
+                    "with --baseline)")
+    ap.add_argument("--baseline", type=Path, help="for the cold_baseline arm: a checkout of another commit")
     ap.add_argument("--memory-every", type=float, default=MEMORY_EVERY,
                     help="seconds between samples of the runs' memory; 0 times them without the sampler")
     a = ap.parse_args()
+    if "cold_baseline" in (a.arms or []) and not a.baseline:
+        ap.error("the cold_baseline arm needs --baseline DIR (a checkout of another commit: git worktree add DIR COMMIT)")
+    default_arms = [arm for arm in ARMS if arm != "cold_baseline" or a.baseline]
+    a.arms = a.arms or default_arms
+    baseline = a.baseline and a.baseline.resolve()
     MEMORY_EVERY = a.memory_every
     C.model_dir("embedded")  # cached before timing
     # as the README starts a kept cluster: the variable keeps `ray start` on 127.0.0.1
@@ -166,6 +178,8 @@ def main() -> None:
         if "kept" in clusters:
             joined("kept", keep)  # leaves the roles loaded for the timed "kept" runs
         arms = {"cold": lambda r: one_round(a.steps),
+                "cold_baseline": lambda r: one_round(a.steps, command=BASELINE, cwd=baseline, env=dict(
+                    os.environ, PYTHONPATH=os.pathsep.join([str(baseline), *filter(None, [os.environ.get("PYTHONPATH")])]))),
                 "cold_late_ray": lambda r: one_round(a.steps, command=LATE_RAY),
                 "cold_runtime_env": lambda r: one_round(a.steps, command=RUNTIME_ENV),
                 "cold_one": lambda r: one_round(a.steps, extra=("ray.colocate=one",)),
@@ -184,7 +198,8 @@ def main() -> None:
     print(C.table([{"": k, **{f"{arm} median": C.median([r.get(k, float("nan")) for r in res[arm]]) for arm in res},
                     **{f"{arm} range": f"{min(r.get(k, float('nan')) for r in res[arm]):.3g}-"
                                        f"{max(r.get(k, float('nan')) for r in res[arm]):.3g}" for arm in res}} for k in keys]))
-    for arm, base, key in (("cold", "cold_late_ray", "fixed_s"), ("cold", "cold_late_ray", "wall_s"),
+    for arm, base, key in (("cold", "cold_baseline", "fixed_s"), ("cold", "cold_baseline", "roles_start_s"),
+                           ("cold", "cold_baseline", "other_s"), ("cold", "cold_late_ray", "fixed_s"), ("cold", "cold_late_ray", "wall_s"),
                            ("kept", "warm", "fixed_s"), ("cold", "cold_full_exit", "shutdown_s"),
                            ("cold", "cold_full_exit", "fixed_s"), ("cold", "cold_off", "fixed_s"), ("cold_one", "cold_off", "fixed_s"),
                            ("cold", "cold_off", "steps_s"), ("cold_one", "cold_off", "steps_s"),
@@ -202,9 +217,10 @@ def main() -> None:
     print("peak RSS counts the train command's own process tree: with --address, Ray's daemons belong to "
           "`ray start` and are not in it; cluster_rss_mb is the kept cluster's processes after the run (with "
           "ray.keep_roles the loaded roles stay there)")
-    name = "startup" if set(a.arms) == set(ARMS) else "_".join(["startup", *(arm for arm in ARMS if arm in a.arms)])
+    name = "startup" if set(a.arms) == set(default_arms) else "_".join(["startup", *(arm for arm in ARMS if arm in a.arms)])
     name += "" if MEMORY_EVERY else "_no_memory"
-    path = C.save(name, {"machine": C.machine(), "args": vars(a), "rounds": res})
+    path = C.save(name, {"machine": C.machine(), "args": {**vars(a), "baseline": baseline and str(baseline)},
+                         "rounds": res})
     print(f"wrote {path}")
 
 
