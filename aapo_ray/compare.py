@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from aapo_ray.metrics import read_metrics, save_figure
+from aapo_ray.metrics import pyplot, read_metrics, save_figure
 
 
 class CompareError(ValueError):
@@ -166,11 +166,7 @@ def curve_bands(groups: dict[str, dict]) -> dict[str, dict]:
 
 
 def plot(bands: dict[str, dict], metric: str, by: str, out: Path) -> Path:
-    import matplotlib  # heavy, needed only for the plot
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # after use("Agg"): no display
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, b in bands.items():
         line, = ax.plot(b["steps"], b["mean"], marker="o", ms=3, label=f"{name} (n={b['n']})")

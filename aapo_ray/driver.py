@@ -27,7 +27,8 @@ from aapo_ray.generator import GeneratorPool
 from aapo_ray.kept_roles import KeptRoles, make_room
 from aapo_ray.launch import init_ray, interrupt_latch
 from aapo_ray.learner import LearnerError, LearnerGroup
-from aapo_ray.metrics import MetricsLogger, generate_seconds, plot_run, progress_postfix, rollout_stats, summary
+from aapo_ray.metrics import (MetricsLogger, generate_seconds, import_pyplot_in_background, plot_run_in_background,
+                              progress_postfix, rollout_stats, summary)
 from aapo_ray.preflight import (check_cluster_fits, check_config, check_keep_roles, check_reference_cache, load_prompts,
                                 online_reference, record_model, resolve_model_path, run_resources)
 from aapo_ray.recovery import Recovery
@@ -141,6 +142,8 @@ def train(cfg: Config, *, run_dir: str | Path | None = None, resume: bool = Fals
                     pending = launch(step + 1)  # sampled by these weights while the learners train
                 t_adv = time.perf_counter()
 
+                if step == cfg.run.steps:  # the last update leaves the generators' core idle:
+                    import_pyplot_in_background()  # the end-of-run plot's imports, meanwhile
                 recovery.updating()  # from here until the checkpoint the learner state is ahead of the log
                 try:
                     learner_metrics = learners.train_step(batch, denominator)
@@ -189,7 +192,8 @@ def train(cfg: Config, *, run_dir: str | Path | None = None, resume: bool = Fals
         finally:
             bar.close()
             metrics_log.close()
-    plot_run(run_dir)
+        plotted = plot_run_in_background(run_dir)  # drawn while the roles shut down (leaving this block)
+    plotted.result()
     print(summary(run_dir))
     return run_dir
 

@@ -36,7 +36,7 @@ from aapo_ray.eval_stages import SCORED_SCHEMA
 from aapo_ray.eval_sets import (BENCHMARKS, EVAL_DEFAULTS, MAX_SAMPLES, PAPER_PROTOCOL, PAPER_SETS, EvalInputError,
                                 load_eval_set, parse_benchmarks)
 from aapo_ray.launch import init_ray
-from aapo_ray.metrics import save_figure
+from aapo_ray.metrics import pyplot, save_figure
 from aapo_ray.preflight import resolve_model_path
 from aapo_ray.sampling import problem_seed
 from aapo_ray.synthetic import PROMPT_TEMPLATE
@@ -193,11 +193,7 @@ def compute_results(parquet: Path, models: list[dict], sets: list[str]) -> dict:
 
 
 def plot(results: dict, models: list[dict], titles: dict, out: Path) -> list[Path]:
-    import matplotlib  # heavy, needed only for the plots
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # after use("Agg"): no display
-
+    plt = pyplot()
     written = []
     last = models[-1]["label"]
     fig, ax = plt.subplots(figsize=(7, 4.5))

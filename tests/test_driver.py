@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 from aapo_ray.config import load_config
 from aapo_ray.driver import train
 from aapo_ray.embedded import read_recipe, weights_sha256
-from aapo_ray.metrics import read_metrics, summary
+from aapo_ray.metrics import plot_run_in_background, read_metrics, summary
 
 pytestmark = pytest.mark.usefixtures("kept_roles_cleared")  # the first run starts fresh actors
 
@@ -60,6 +60,17 @@ def test_run_directory_holds_everything(full_run):
     assert state["step"] == 4
     model = AutoModelForCausalLM.from_pretrained(full_run / "checkpoints/step_000004/hf")
     assert model.num_parameters() > 0
+
+
+def test_the_end_of_run_plot_is_drawn_on_a_thread_and_its_errors_reach_the_caller(tmp_path):
+    """The driver draws ``reward_curve.png`` while its roles shut down: ``result()`` hands back the PNG, or the
+    plot's own error (here: a run directory that does not exist), never a silent miss."""
+    rows = [{"step": s, "reward_mean": 0.1 * s, "eval/accuracy": 0.2} for s in range(3)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    png = plot_run_in_background(tmp_path).result(timeout=120)
+    assert png == tmp_path / "reward_curve.png" and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(FileNotFoundError):
+        plot_run_in_background(tmp_path / "missing").result(timeout=120)
 
 
 def test_run_records_the_warm_start_fingerprint(full_run, tiny_model_path):
