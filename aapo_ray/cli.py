@@ -15,8 +15,9 @@ from typing import Callable, NoReturn
 
 from aapo_ray import import_gc
 from aapo_ray.cli_args import add_parsers
-from aapo_ray.commands import COMMANDS, STARTS_RAY_EARLY
+from aapo_ray.commands import COMMANDS
 from aapo_ray.config import ConfigError, load_config
+from aapo_ray.eval_sets import EvalInputError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,20 +37,25 @@ def command_runner(args: argparse.Namespace, *, without_gc: bool = False) -> Cal
 
 def main(argv: list[str] | None = None, *, start_ray_early: bool = False, imports_without_gc: bool = False) -> int:
     """Run ``aapo ARGV``; returns its exit status. The console script passes both flags. ``start_ray_early``:
-    a command in :data:`~aapo_ray.commands.STARTS_RAY_EARLY` starts its local Ray cluster while its runner
-    imports (:func:`aapo_ray.launch.start_ray_early`, which sets this process's environment for the actors).
+    a command whose parser names its cluster (``ray_cluster``: :mod:`aapo_ray.cli_args`) starts that local Ray
+    cluster while its runner imports (:func:`aapo_ray.launch.start_ray_early`, which sets this process's
+    environment for the actors).
     ``imports_without_gc``: the runner's module is imported with the garbage collector off (:func:`command_runner`)."""
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        if source := getattr(args, "config_source", None):  # the config's own errors, before any heavy import
-            cfg = load_config(*source(args))
-            if start_ray_early and args.command in STARTS_RAY_EARLY:  # light: ray, not torch
-                importlib.import_module("aapo_ray.launch").start_ray_early(cfg)
+        source = getattr(args, "config_source", None)
+        cfg = load_config(*source(args)) if source else None  # the config's own errors, before any heavy import
+        cluster = getattr(args, "ray_cluster", None)
+        if start_ray_early and cluster and (init_args := cluster(args, cfg)) is not None:
+            importlib.import_module("aapo_ray.launch").start_ray_early(**init_args)  # light: ray, not torch
         return command_runner(args, without_gc=imports_without_gc)(args)
     except ConfigError as exc:
         print(f"aapo: {exc}", file=sys.stderr)
+        return 2
+    except EvalInputError as exc:  # from a command's light checks before its cluster starts (cli_args)
+        print(f"aapo {args.command}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("aapo: interrupted", file=sys.stderr)

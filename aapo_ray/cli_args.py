@@ -2,7 +2,9 @@
 pydantic for ``serve``'s options, the benchmark table for ``eval``), so that ``aapo CMD --help`` and a
 mistyped flag answer at once. What runs a command is named in :data:`aapo_ray.commands.COMMANDS` and
 imported by :mod:`aapo_ray.cli` only after its arguments parsed, and (``config_source``) after the config
-they name validated (:func:`aapo_ray.config.config_source`), so a mistyped config key fails as fast."""
+they name validated (:func:`aapo_ray.config.config_source`), so a mistyped config key fails as fast. A command
+whose parser sets ``ray_cluster`` (``train``, ``eval``) has the ``aapo`` script start the local Ray cluster it
+will ask for while its runner imports (:func:`aapo_ray.launch.start_ray_early`)."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from pydantic import BaseModel
 
 from aapo_ray.commands import help_line
 from aapo_ray.config import config_source
-from aapo_ray.eval_sets import BENCHMARKS, EVAL_DEFAULTS, MAX_SAMPLES, PAPER_PROTOCOL
+from aapo_ray.eval_sets import BENCHMARKS, EVAL_DEFAULTS, MAX_SAMPLES, PAPER_PROTOCOL, parse_benchmarks, settings_from
 from aapo_ray.serve_options import DeploymentOptions, ServeOptions
 
 SUBMIT_EXAMPLES = """\
@@ -53,8 +55,26 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
                               "those an earlier run left (ray.keep_roles=true)")
     train_p.add_argument("--run-dir", help="run directory (default: run.output_dir/run.name or a time stamp)")
     train_p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
-    train_p.set_defaults(config_source=config_source)
+    train_p.set_defaults(config_source=config_source, ray_cluster=train_ray_cluster)
     return train_p
+
+
+def train_ray_cluster(args: argparse.Namespace, cfg) -> dict | None:
+    """:func:`~aapo_ray.launch.init_ray`'s arguments for ``aapo train``'s driver (:func:`aapo_ray.driver.train`),
+    which the ``aapo`` script starts early; None for a run that keeps its roles (on a cluster it joins)."""
+    if cfg.ray.keep_roles:
+        return None
+    return dict(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus, namespace=cfg.ray.namespace,
+                torch_threads=cfg.run.torch_threads)
+
+
+def eval_ray_cluster(args: argparse.Namespace, cfg=None) -> dict:
+    """:func:`~aapo_ray.launch.init_ray`'s arguments for ``aapo eval`` (:func:`aapo_ray.eval_cmd.run` passes
+    these; the ``aapo`` script starts that cluster early). The sampling settings and the ``--benchmarks`` list
+    are checked first (:class:`~aapo_ray.eval_sets.EvalInputError`), so that a mistyped flag fails before a
+    cluster starts."""
+    parse_benchmarks(settings_from(args, warn=False)["benchmarks"])  # eval_cmd.run checks (and warns) again
+    return dict(address=args.address, num_cpus=args.num_cpus, namespace="aapo-eval", torch_threads=1)
 
 
 def add_train_parsers(sub) -> None:
@@ -216,6 +236,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     eng.add_argument("--num-cpus", type=int, help="CPUs of a local cluster")
     p.add_argument("--out", help="output directory (default MODEL_OR_RUN/eval/<timestamp>)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(ray_cluster=eval_ray_cluster)
     return p
 
 

@@ -19,9 +19,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
                   "the precomputed frozen-reference cache (algo.reference=precomputed)"),
 }
 
-# Commands whose local Ray cluster starts on a thread while their runner's module imports (torch, transformers)
-# and checks the model and the prompts, when run as the ``aapo`` script: aapo_ray.launch.start_ray_early.
-STARTS_RAY_EARLY = frozenset({"train"})
 
 
 def help_line(name: str) -> str:

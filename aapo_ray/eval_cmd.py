@@ -28,13 +28,14 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from aapo_ray.checkpoint import STATE, complete_checkpoints, resolve_model_dir
+from aapo_ray.cli_args import eval_ray_cluster
 from aapo_ray.config import DataConfig, load_config
 from aapo_ray.data import render_prompts
 from aapo_ray.eval_metrics import benchmark_metrics, paper_table
 from aapo_ray.eval_pipeline import build_dataset
 from aapo_ray.eval_stages import SCORED_SCHEMA
-from aapo_ray.eval_sets import (BENCHMARKS, EVAL_DEFAULTS, MAX_SAMPLES, PAPER_PROTOCOL, PAPER_SETS, EvalInputError,
-                                load_eval_set, parse_benchmarks)
+from aapo_ray.eval_sets import (BENCHMARKS, PAPER_SETS, EvalInputError, load_eval_set, parse_benchmarks,
+                                settings_from)
 from aapo_ray.launch import init_ray
 from aapo_ray.metrics import pyplot, save_figure
 from aapo_ray.preflight import resolve_model_path
@@ -47,28 +48,6 @@ WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "model*.bin")
 
 
 # ----------------------------------------------------------------------------- what to evaluate
-def settings_from(args: argparse.Namespace) -> dict:
-    """Sampling settings: explicit flags, else the protocol's, else the defaults; validated."""
-    base = PAPER_PROTOCOL if args.protocol == "paper" else EVAL_DEFAULTS
-    s = {key: getattr(args, key) if getattr(args, key) is not None else base[key] for key in EVAL_DEFAULTS}
-    if args.protocol == "paper":
-        for key in EVAL_DEFAULTS:
-            if getattr(args, key) is not None and getattr(args, key) != PAPER_PROTOCOL[key]:
-                log.warning("--%s %s overrides the paper protocol's %s", key.replace("_", "-"), getattr(args, key),
-                            PAPER_PROTOCOL[key])
-    if not 1 <= s["samples"] <= MAX_SAMPLES:
-        raise EvalInputError(f"--samples must be between 1 and {MAX_SAMPLES}, got {s['samples']}")
-    if s["temperature"] < 0:
-        raise EvalInputError(f"--temperature must be >= 0, got {s['temperature']}")
-    if not 0 < s["top_p"] <= 1:
-        raise EvalInputError(f"--top-p must be in (0, 1], got {s['top_p']}")
-    if s["max_new_tokens"] < 1:
-        raise EvalInputError(f"--max-new-tokens must be >= 1, got {s['max_new_tokens']}")
-    if args.limit is not None and args.limit < 1:
-        raise EvalInputError(f"--limit must be >= 1, got {args.limit}")
-    return s
-
-
 def _has_weights(model_dir: Path) -> bool:
     return any(next(model_dir.glob(g), None) for g in WEIGHT_FILES)
 
@@ -271,7 +250,9 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     if args.quiet:
         logging.getLogger("ray.data").setLevel(logging.WARNING)
-    init_ray(args.address, num_cpus=args.num_cpus, namespace="aapo-eval")
+    started = time.perf_counter()
+    init_ray(**eval_ray_cluster(args))  # started early by the `aapo` script: aapo_ray.launch.start_ray_early
+    ray_init_s = time.perf_counter() - started  # the wait for it
     ray.data.DataContext.get_current().enable_progress_bars = False  # one tqdm bar per benchmark instead
     totals = {name: len(ds) for name, ds in sets.items()}
     notes = {}
@@ -288,7 +269,7 @@ def run(args: argparse.Namespace) -> int:
     summary = {"model": str(args.model), "endpoint": args.endpoint, "protocol": args.protocol, "seed": args.seed,
                "settings": s, "limit": args.limit, "backend": None if args.endpoint else args.backend,
                "models": [{"label": m["label"], "dir": str(m["dir"]), "step": m["step"]} for m in models],
-               "results": results, "wall_s": wall}
+               "results": results, "wall_s": wall, "ray_init_s": ray_init_s}
     (out / "results.json").write_text(json.dumps(summary, indent=2))
     plots = plot(results, models, titles, out)
     k = s["samples"]

@@ -25,6 +25,7 @@ context). GSM8K is not in the paper's table and not in the protocol's default se
 from __future__ import annotations
 
 import gzip
+import logging
 import os
 import shutil
 import tempfile
@@ -65,6 +66,8 @@ PAPER_PROTOCOL = {"temperature": 0.6, "top_p": 0.95, "max_new_tokens": 3584, "sa
 EVAL_DEFAULTS = {"temperature": 0.6, "top_p": 0.95, "max_new_tokens": 1024, "samples": 4, "benchmarks": ",".join(ALL_SETS)}
 USER_FIELDS = ("problem", "answer")
 MAX_SAMPLES = 1024  # largest k of ``aapo eval --samples``
+
+log = logging.getLogger(__name__)
 
 
 class EvalInputError(ValueError):
@@ -108,6 +111,29 @@ def parse_benchmarks(spec: str) -> list[EvalSet]:
     if len(set(names)) < len(names):
         raise EvalInputError(f"--benchmarks: a set is named twice ({', '.join(names)})")
     return out
+
+
+def settings_from(args, *, warn: bool = True) -> dict:
+    """``aapo eval``'s sampling settings (from its parsed ``args``): explicit flags, else the protocol's, else the
+    defaults; validated (:class:`EvalInputError`). ``warn``: log each flag that overrides the paper protocol."""
+    base = PAPER_PROTOCOL if args.protocol == "paper" else EVAL_DEFAULTS
+    s = {key: getattr(args, key) if getattr(args, key) is not None else base[key] for key in EVAL_DEFAULTS}
+    if args.protocol == "paper" and warn:
+        for key in EVAL_DEFAULTS:
+            if getattr(args, key) is not None and getattr(args, key) != PAPER_PROTOCOL[key]:
+                log.warning("--%s %s overrides the paper protocol's %s", key.replace("_", "-"), getattr(args, key),
+                            PAPER_PROTOCOL[key])
+    if not 1 <= s["samples"] <= MAX_SAMPLES:
+        raise EvalInputError(f"--samples must be between 1 and {MAX_SAMPLES}, got {s['samples']}")
+    if s["temperature"] < 0:
+        raise EvalInputError(f"--temperature must be >= 0, got {s['temperature']}")
+    if not 0 < s["top_p"] <= 1:
+        raise EvalInputError(f"--top-p must be in (0, 1], got {s['top_p']}")
+    if s["max_new_tokens"] < 1:
+        raise EvalInputError(f"--max-new-tokens must be >= 1, got {s['max_new_tokens']}")
+    if args.limit is not None and args.limit < 1:
+        raise EvalInputError(f"--limit must be >= 1, got {args.limit}")
+    return s
 
 
 def load_eval_set(item: EvalSet, limit: int | None = None) -> PromptDataset:

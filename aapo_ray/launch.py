@@ -102,23 +102,25 @@ class _NoThreadWarning(logging.Filter):
         return not record.getMessage().startswith("SIGTERM handler is not set")
 
 
-def start_ray_early(cfg) -> bool:
-    """For ``aapo train`` (:func:`aapo_ray.cli.run`), right after its config parsed: start the run's local cluster
-    (as the driver's :func:`init_ray` would) on a thread, so that Ray's daemons come up while this process imports
-    torch and transformers and checks the model and the prompts (~4 s on 2 cores, which Ray's start left on one
-    core). The driver's ``init_ray`` then waits for it; so does :func:`shutdown_ray`, and, on any other exit, this
-    process's last ``atexit`` hook. Does nothing (returns False) for a run that joins a cluster (``ray.address``,
-    ``RAY_ADDRESS``, ``ray.keep_roles``) or in a process already connected.
+def start_ray_early(address: str | None = None, *, num_cpus: int | None = None, namespace: str = "aapo",
+                    torch_threads: int = 1) -> bool:
+    """For the ``aapo`` script (:func:`aapo_ray.cli.run`), once a command's arguments parsed: start the local
+    cluster that the command's :func:`init_ray` (same arguments) will ask for, on a thread, so that Ray's daemons
+    come up while this process imports torch and transformers and checks its inputs (~4 s on 2 cores, which
+    Ray's start left on one core). That ``init_ray`` then waits for it (and raises if its arguments differ); so
+    does :func:`shutdown_ray`, and, on any other exit, this process's last ``atexit`` hook. Does nothing
+    (returns False) where that ``init_ray`` joins a cluster (``address``, ``RAY_ADDRESS``) or in a process already
+    connected. Which commands, with which arguments: :mod:`aapo_ray.cli_args` (``ray_cluster``).
 
     For a process of its own: the actors' environment (:func:`worker_env`) is set on the whole process first,
     as an ``init_ray`` on another thread would otherwise change ``os.environ`` under this one's imports."""
     global _early
-    if cluster_address(cfg.ray.address) or cfg.ray.keep_roles or ray.is_initialized() or _early is not None:
+    if cluster_address(address) or ray.is_initialized() or _early is not None:
         return False
-    os.environ.update({**worker_env(cfg.run.torch_threads), **LOOPBACK_ENV})
+    os.environ.update({**worker_env(torch_threads), **LOOPBACK_ENV})
     if threading.current_thread() is threading.main_thread():  # what ray.init does on the main thread only
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
-    _early = _EarlyStart((cfg.ray.address, cfg.ray.num_cpus, cfg.ray.namespace, cfg.run.torch_threads))
+    _early = _EarlyStart((address, num_cpus, namespace, torch_threads))
     _early.thread = threading.Thread(target=_start_in_thread, args=(_early,), name="aapo-ray-start", daemon=True)
     atexit.register(shutdown_ray)  # runs before Ray's own hook (registered at ray's import), after init finished
     _early.thread.start()

@@ -46,7 +46,7 @@ RUNTIME_ENV = (sys.executable, "-c", "import aapo_ray.launch as launch; launch.W
                "from aapo_ray.cli import run; run()")
 # `aapo` with its local cluster started by the driver's init_ray, after its imports and input checks, as before
 LATE_RAY = (sys.executable, "-c", "import aapo_ray.cli as cli; main = cli.main; "
-            "cli.main = lambda **kw: main(start_ray_early=False); cli.run()")
+            "cli.main = lambda **kw: main(**{**kw, 'start_ray_early': False}); cli.run()")
 # `aapo` from another checkout (--baseline DIR, e.g. a `git worktree` of an earlier commit): the process starts in
 # DIR, and DIR leads PYTHONPATH, which the cluster's workers inherit, so every process of the run imports its code
 BASELINE = (sys.executable, "-c", "from aapo_ray.cli import run; run()")

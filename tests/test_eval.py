@@ -6,6 +6,8 @@ import itertools
 import json
 import math
 import shutil
+import subprocess
+import sys
 import threading
 
 import pyarrow.parquet as pq
@@ -172,6 +174,19 @@ def test_pipeline_on_the_tiny_model_writes_results_samples_and_plot(ray_cluster,
     first = sorted((r for r in samples.to_pylist() if r["benchmark"] == "amc23"), key=key)
     second = sorted(_load(out2)[1].to_pylist(), key=key)
     assert [r["completion"] for r in first] == [r["completion"] for r in second]
+
+
+def test_the_aapo_script_evaluates_on_the_cluster_it_started_while_importing(tiny_model_path, tmp_path):
+    """``aapo eval`` as a user runs it: the script starts its local cluster while it imports
+    (``launch.start_ray_early``) and the evaluation's own ``init_ray`` joins that start (other arguments would
+    raise there)."""
+    out = tmp_path / "script"
+    proc = subprocess.run([sys.executable, "-m", "aapo_ray", "eval", str(tiny_model_path), "--benchmarks",
+                           "synthetic:test:4", "--samples", "1", "--max-new-tokens", "16", "--quiet", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results, samples = _load(out)
+    assert samples.num_rows == 4 and results["results"][next(iter(results["results"]))]["synthetic-test-4"]["n"] == 4
 
 
 class _FakeOpenAI(http.server.BaseHTTPRequestHandler):

@@ -1,5 +1,5 @@
-"""``aapo train`` starts its local Ray cluster on a thread while it imports torch and checks its inputs
-(:func:`aapo_ray.launch.start_ray_early`); the driver's ``init_ray`` then waits for that start.
+"""``aapo train`` and ``aapo eval`` start their local Ray cluster on a thread while they import torch and check
+their inputs (:func:`aapo_ray.launch.start_ray_early`); their ``init_ray`` then waits for that start.
 
 Each case runs in a process of its own: the early start changes that process's environment and starts a
 cluster there. Where the time goes: ``benchmarks/startup.py`` (its ``cold_late_ray`` arm is the start as before).
@@ -18,17 +18,21 @@ EARLY_START = r"""
 import json, os, sys, threading, time
 import ray
 from aapo_ray import launch
+from aapo_ray.cli_args import train_ray_cluster
 from aapo_ray.config import load_config
+
+def early(overrides):  # as aapo_ray.cli.main does for `aapo train`
+    init_args = train_ray_cluster(None, load_config(None, overrides))
+    return init_args is not None and launch.start_ray_early(**init_args)
 
 report = {"torch_before": "torch" in sys.modules}
 # a run that joins a cluster, keeps its roles, or runs inside a Ray job starts nothing early
-report["skipped"] = [launch.start_ray_early(load_config(None, o)) for o in (["ray.address=auto"],
-                     ["ray.address=127.0.0.1:6379", "ray.keep_roles=true"])]
+report["skipped"] = [early(o) for o in (["ray.address=auto"], ["ray.address=127.0.0.1:6379", "ray.keep_roles=true"])]
 os.environ["RAY_ADDRESS"] = "127.0.0.1:1"
-report["skipped"].append(launch.start_ray_early(load_config(None, [])))
+report["skipped"].append(early([]))
 del os.environ["RAY_ADDRESS"]
 cfg = load_config(None, ["run.torch_threads=1"])
-report["started"] = launch.start_ray_early(cfg)
+report["started"] = early(["run.torch_threads=1"])
 report["threads"] = [t.name for t in threading.enumerate()]
 report["env_set"] = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "TRANSFORMERS_VERBOSITY")}
 import torch  # what the start overlaps
@@ -70,24 +74,34 @@ def test_the_early_start_is_the_clusters_start_and_outlives_its_thread():
 
 
 CLI_WIRING = r"""
-import json, sys, threading
+import json, sys
 import aapo_ray.cli as cli
 
 seen = []
 def runner(args):  # stands in for the command's runner, which imports torch and the driver
-    seen.append([args.command, any(t.name == "aapo-ray-start" for t in threading.enumerate()), "torch" in sys.modules])
+    launch = sys.modules.get("aapo_ray.launch")
+    early = launch and launch._early  # the local cluster started early, with its init_ray arguments
+    seen.append([args.command, early.args if early else None, "torch" in sys.modules])
     return 0
 
 cli.command_runner = lambda args, **kwargs: runner
-for argv, early in ((["check-config"], True), (["train", "run.steps=1"], False), (["train", "run.steps=1"], True)):
-    cli.main(argv, start_ray_early=early)
-sys.modules["aapo_ray.launch"].shutdown_ray()
+cases = ((["check-config"], True), (["train", "run.steps=1"], False), (["eval", "m", "--address", "auto"], True),
+         (["eval", "m", "--benchmarks", "nosuch"], True), (["train", "run.steps=1"], True), (["eval", "m"], True))
+for argv, early in cases:
+    if cli.main(argv, start_ray_early=early) == 2:  # a mistyped flag: refused before any cluster starts
+        launch = sys.modules.get("aapo_ray.launch")
+        seen.append([argv[0], "exit 2", launch and launch._early and launch._early.args])
+    launch = sys.modules.get("aapo_ray.launch")
+    if launch and launch._early:
+        launch.shutdown_ray()
+        launch._early = None  # the next case may start afresh
 print(json.dumps(seen))
 """
 
 
-def test_only_the_console_scripts_train_starts_ray_before_its_runner_imports():
+def test_only_the_console_scripts_train_and_eval_start_ray_before_their_runners_import():
     proc = subprocess.run([sys.executable, "-c", CLI_WIRING], capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == [
-        ["check-config", False, False], ["train", False, False], ["train", True, False]]
+        ["check-config", None, False], ["train", None, False], ["eval", None, False], ["eval", "exit 2", None],
+        ["train", [None, None, "aapo", 1], False], ["eval", [None, None, "aapo-eval", 1], False]]
