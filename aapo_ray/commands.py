@@ -20,7 +20,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-
 def help_line(name: str) -> str:
     """The one-line help of subcommand ``name``."""
     return COMMANDS[name][1]
