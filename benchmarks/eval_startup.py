@@ -19,29 +19,25 @@ import argparse
 import json
 import os
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import _common as C
 from aapo_ray.compare import mean_ci
-
-SCRIPT = "from aapo_ray.cli import run; run()"  # `aapo`, from whichever checkout the process starts in
-# `aapo` with the local cluster started by eval's own init_ray, after its imports and input checks
-LATE = ("import aapo_ray.cli as cli; main = cli.main; "
-        "cli.main = lambda **kw: main(**{**kw, 'start_ray_early': False}); cli.run()")
+# `aapo` from whichever checkout the process starts in; `aapo` with the local cluster started by the command's own
+# init_ray, after its imports and input checks
+from startup import BASELINE as SCRIPT, LATE_RAY as LATE, checkout_env
 
 
-def one_run(script: str, model: str, problems: int, cwd: Path) -> dict:
+def one_run(script: tuple, model: str, problems: int, cwd: Path) -> dict:
     """Seconds: ``wall_s`` the whole process; from its results.json, ``ray_init_s`` (its wait for the local cluster;
     absent from older checkouts) and ``after_imports_s`` (from its runner's start: what the imports left)."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(cwd), *filter(None, [os.environ.get("PYTHONPATH")])]))
     with tempfile.TemporaryDirectory(prefix="aapo-eval-startup-") as out:
         start = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-c", script, "eval", model, "--benchmarks",
+        proc = subprocess.run([*script, "eval", model, "--benchmarks",
                                f"synthetic:test:{problems}", "--samples", "1", "--quiet", "--out", out],
-                              cwd=cwd, env=env, capture_output=True, text=True)
+                              cwd=cwd, env=checkout_env(cwd), capture_output=True, text=True)
         wall = time.perf_counter() - start
         if proc.returncode:
             raise RuntimeError(f"aapo eval failed ({proc.returncode}) in {cwd}:\n{proc.stderr[-3000:]}")

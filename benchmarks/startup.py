@@ -53,6 +53,12 @@ BASELINE = (sys.executable, "-c", "from aapo_ray.cli import run; run()")
 ARMS = ("cold", "cold_baseline", "cold_late_ray", "cold_runtime_env", "cold_one", "cold_off", "cold_full_exit", "warm", "warm_split", "kept")
 
 
+def checkout_env(directory: Path) -> dict:
+    """This process's environment with ``directory`` (a checkout) leading ``PYTHONPATH``: a process started there,
+    and the local cluster's workers that inherit its environment, import that checkout's code."""
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(directory), *filter(None, [os.environ.get("PYTHONPATH")])]))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -178,8 +184,7 @@ def main() -> None:
         if "kept" in clusters:
             joined("kept", keep)  # leaves the roles loaded for the timed "kept" runs
         arms = {"cold": lambda r: one_round(a.steps),
-                "cold_baseline": lambda r: one_round(a.steps, command=BASELINE, cwd=baseline, env=dict(
-                    os.environ, PYTHONPATH=os.pathsep.join([str(baseline), *filter(None, [os.environ.get("PYTHONPATH")])]))),
+                "cold_baseline": lambda r: one_round(a.steps, command=BASELINE, cwd=baseline, env=checkout_env(baseline)),
                 "cold_late_ray": lambda r: one_round(a.steps, command=LATE_RAY),
                 "cold_runtime_env": lambda r: one_round(a.steps, command=RUNTIME_ENV),
                 "cold_one": lambda r: one_round(a.steps, extra=("ray.colocate=one",)),
