@@ -45,6 +45,8 @@ def main(argv: list[str] | None = None, *, start_ray_early: bool = False, import
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        if checks := getattr(args, "light_checks", None):  # bad arguments, before any heavy import or cluster
+            checks(args)
         source = getattr(args, "config_source", None)
         cfg = load_config(*source(args)) if source else None  # the config's own errors, before any heavy import
         cluster = getattr(args, "ray_cluster", None)
@@ -54,7 +56,7 @@ def main(argv: list[str] | None = None, *, start_ray_early: bool = False, import
     except ConfigError as exc:
         print(f"aapo: {exc}", file=sys.stderr)
         return 2
-    except EvalInputError as exc:  # from a command's light checks before its cluster starts (cli_args)
+    except EvalInputError as exc:  # from a command's light checks (cli_args)
         print(f"aapo {args.command}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -4,7 +4,8 @@ mistyped flag answer at once. What runs a command is named in :data:`aapo_ray.co
 imported by :mod:`aapo_ray.cli` only after its arguments parsed, and (``config_source``) after the config
 they name validated (:func:`aapo_ray.config.config_source`), so a mistyped config key fails as fast. A command
 whose parser sets ``ray_cluster`` (``train``, ``eval``) has the ``aapo`` script start the local Ray cluster it
-will ask for while its runner imports (:func:`aapo_ray.launch.start_ray_early`)."""
+will ask for while its runner imports (:func:`aapo_ray.launch.start_ray_early`); ``light_checks`` (``eval``) run
+before that, so a mistyped flag fails as fast."""
 
 from __future__ import annotations
 
@@ -70,11 +71,15 @@ def train_ray_cluster(args: argparse.Namespace, cfg) -> dict | None:
 
 def eval_ray_cluster(args: argparse.Namespace, cfg=None) -> dict:
     """:func:`~aapo_ray.launch.init_ray`'s arguments for ``aapo eval`` (:func:`aapo_ray.eval_cmd.run` passes
-    these; the ``aapo`` script starts that cluster early). The sampling settings and the ``--benchmarks`` list
-    are checked first (:class:`~aapo_ray.eval_sets.EvalInputError`), so that a mistyped flag fails before a
-    cluster starts."""
-    parse_benchmarks(settings_from(args, warn=False)["benchmarks"])  # eval_cmd.run checks (and warns) again
+    these; the ``aapo`` script starts that cluster early)."""
     return dict(address=args.address, num_cpus=args.num_cpus, namespace="aapo-eval", torch_threads=1)
+
+
+def check_eval_args(args: argparse.Namespace) -> None:
+    """``aapo eval``'s light checks, run by :func:`aapo_ray.cli.main` before a cluster starts or the runner
+    imports: the sampling settings and the ``--benchmarks`` list (:class:`~aapo_ray.eval_sets.EvalInputError`).
+    :func:`aapo_ray.eval_cmd.run` makes them again for its own callers, and warns of paper-protocol overrides."""
+    parse_benchmarks(settings_from(args, warn=False)["benchmarks"])
 
 
 def add_train_parsers(sub) -> None:
@@ -236,7 +241,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     eng.add_argument("--num-cpus", type=int, help="CPUs of a local cluster")
     p.add_argument("--out", help="output directory (default MODEL_OR_RUN/eval/<timestamp>)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(ray_cluster=eval_ray_cluster)
+    p.set_defaults(light_checks=check_eval_args, ray_cluster=eval_ray_cluster)
     return p
 
 
