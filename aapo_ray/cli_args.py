@@ -3,8 +3,8 @@ pydantic for ``serve``'s options, the benchmark table for ``eval``), so that ``a
 mistyped flag answer at once. What runs a command is named in :data:`aapo_ray.commands.COMMANDS` and
 imported by :mod:`aapo_ray.cli` only after its arguments parsed, and (``config_source``) after the config
 they name validated (:func:`aapo_ray.config.config_source`), so a mistyped config key fails as fast. A command
-whose parser sets ``ray_cluster`` (``train``, ``eval``) has the ``aapo`` script start the local Ray cluster it
-will ask for while its runner imports (:func:`aapo_ray.launch.start_ray_early`); ``light_checks`` (``eval``) run
+whose parser sets ``ray_cluster`` (``train``, ``eval``, ``reference build``, ``serve``) has the ``aapo`` script start
+the local Ray cluster it will ask for while its runner imports (:func:`aapo_ray.launch.start_ray_early`); ``light_checks`` (``eval``) run
 before that, so a mistyped flag fails as fast."""
 
 from __future__ import annotations
@@ -61,10 +61,14 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
 
 
 def train_ray_cluster(args: argparse.Namespace, cfg) -> dict | None:
-    """:func:`~aapo_ray.launch.init_ray`'s arguments for ``aapo train``'s driver (:func:`aapo_ray.driver.train`),
-    which the ``aapo`` script starts early; None for a run that keeps its roles (on a cluster it joins)."""
-    if cfg.ray.keep_roles:
-        return None
+    """:func:`run_ray_cluster` for ``aapo train``; None for a run that keeps its roles (on a cluster it joins)."""
+    return None if cfg.ray.keep_roles else run_ray_cluster(args, cfg)
+
+
+def run_ray_cluster(args: argparse.Namespace, cfg) -> dict:
+    """:func:`~aapo_ray.launch.init_ray`'s arguments for a run of ``cfg``, which the ``aapo`` script starts early:
+    ``aapo reference build`` passes these (:func:`aapo_ray.reference_build.run`), the training driver the same
+    values (:func:`aapo_ray.driver.train`)."""
     return dict(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus, namespace=cfg.ray.namespace,
                 torch_threads=cfg.run.torch_threads)
 
@@ -73,6 +77,12 @@ def eval_ray_cluster(args: argparse.Namespace, cfg=None) -> dict:
     """:func:`~aapo_ray.launch.init_ray`'s arguments for ``aapo eval`` (:func:`aapo_ray.eval_cmd.run` passes
     these; the ``aapo`` script starts that cluster early)."""
     return dict(address=args.address, num_cpus=args.num_cpus, namespace="aapo-eval", torch_threads=1)
+
+
+def serve_ray_cluster(args: argparse.Namespace, cfg=None) -> dict:
+    """:func:`~aapo_ray.launch.init_ray`'s arguments for ``aapo serve`` (:func:`aapo_ray.serve.run` passes these;
+    the ``aapo`` script starts that cluster early)."""
+    return dict(address=args.address, num_cpus=None, namespace="aapo", torch_threads=args.torch_threads)
 
 
 def check_eval_args(args: argparse.Namespace) -> None:
@@ -125,6 +135,7 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--address", help="join a Ray cluster ('auto', ray://host:10001) instead of starting one")
     _add_fields(p, DeploymentOptions, skip=("model",))
     _add_fields(p, ServeOptions, skip=("api_key_sha256",))
+    p.set_defaults(ray_cluster=serve_ray_cluster)
     return p
 
 
@@ -255,4 +266,4 @@ def add_reference_parser(sub) -> None:
     build.add_argument("--config", help="YAML config file (the training run's)")
     build.add_argument("--address", help="join an existing Ray cluster ('auto', ray://host:10001)")
     build.add_argument("--no-progress", action="store_true", help="no progress bar")
-    build.set_defaults(config_source=config_source)
+    build.set_defaults(config_source=config_source, ray_cluster=run_ray_cluster)

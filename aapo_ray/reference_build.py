@@ -38,6 +38,7 @@ import ray
 from tqdm.auto import tqdm
 
 from aapo_ray.batch_inference import BackendSampler
+from aapo_ray.cli_args import run_ray_cluster
 from aapo_ray.config import Config, config_source
 from aapo_ray.launch import init_ray
 from aapo_ray.preflight import check_reference_cache, load_checked_config, load_prompts, resolve_model_path
@@ -163,8 +164,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_checked_config(*config_source(args))
     model_path = resolve_model_path(cfg)
     prompts, _ = load_prompts(cfg, model_path)
-    expected = check_reference_cache(cfg, model_path, prompts)  # a mismatching cache fails before Ray starts
-    init_ray(cfg.ray.address, num_cpus=cfg.ray.num_cpus, namespace=cfg.ray.namespace, torch_threads=cfg.run.torch_threads)
+    expected = check_reference_cache(cfg, model_path, prompts)  # a mismatching cache fails before any actor starts
+    init_ray(**run_ray_cluster(args, cfg))  # started early by the `aapo` script: aapo_ray.launch.start_ray_early
     path = build_reference_cache(cfg, model_path, prompts, expected, progress=not args.no_progress)
     print(f"reference cache: {path} ({prompts.num_rows} prompts x {cfg.algo.reference_samples} samples)")
     return 0

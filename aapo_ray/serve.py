@@ -17,6 +17,7 @@ import time
 from ray import serve
 
 from aapo_ray.checkpoint import resolve_model_dir
+from aapo_ray.cli_args import serve_ray_cluster
 from aapo_ray.launch import init_ray
 from aapo_ray.serve_options import DeploymentOptions, ServeOptions, sha256_hex
 from aapo_ray.serve_replica import OpenAIServer
@@ -64,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         print(f"aapo serve: {exc}", file=sys.stderr)
         return 2
-    init_ray(args.address, torch_threads=args.torch_threads)
+    init_ray(**serve_ray_cluster(args))  # started early by the `aapo` script: aapo_ray.launch.start_ray_early
     # the proxy's own timeout is a backstop (plain-text 408, a client can lift it); the replica's comes first
     serve.start(http_options={"host": args.host, "port": args.port, "request_timeout_s": args.request_timeout_s + 30})
     name = args.name or resolve_model_dir(args.model, args.checkpoint)[1]

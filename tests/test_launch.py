@@ -86,7 +86,9 @@ def runner(args):  # stands in for the command's runner, which imports torch and
 
 cli.command_runner = lambda args, **kwargs: runner
 cases = ((["check-config"], True), (["train", "run.steps=1"], False), (["eval", "m", "--address", "auto"], True),
-         (["eval", "m", "--benchmarks", "nosuch"], True), (["train", "run.steps=1"], True), (["eval", "m"], True))
+         (["eval", "m", "--benchmarks", "nosuch"], True), (["train", "run.steps=1"], True), (["eval", "m"], True),
+         (["reference", "build", "run.torch_threads=2"], True), (["serve", "m", "--torch-threads", "3"], True),
+         (["serve", "m", "--address", "auto"], True))
 for argv, early in cases:
     if cli.main(argv, start_ray_early=early) == 2:  # a mistyped flag: refused before any cluster starts
         launch = sys.modules.get("aapo_ray.launch")
@@ -99,9 +101,10 @@ print(json.dumps(seen))
 """
 
 
-def test_only_the_console_scripts_train_and_eval_start_ray_before_their_runners_import():
-    proc = subprocess.run([sys.executable, "-c", CLI_WIRING], capture_output=True, text=True, timeout=240)
+def test_the_console_scripts_commands_that_start_a_local_cluster_start_it_before_their_runners_import():
+    proc = subprocess.run([sys.executable, "-c", CLI_WIRING], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == [
         ["check-config", None, False], ["train", None, False], ["eval", None, False], ["eval", "exit 2", None],
-        ["train", [None, None, "aapo", 1], False], ["eval", [None, None, "aapo-eval", 1], False]]
+        ["train", [None, None, "aapo", 1], False], ["eval", [None, None, "aapo-eval", 1], False],
+        ["reference", [None, None, "aapo", 2], False], ["serve", [None, None, "aapo", 3], False], ["serve", None, False]]
