@@ -1,5 +1,6 @@
-"""``aapo train`` and ``aapo eval`` start their local Ray cluster on a thread while they import torch and check
-their inputs (:func:`aapo_ray.launch.start_ray_early`); their ``init_ray`` then waits for that start.
+"""``aapo train``, ``eval``, ``serve`` and ``reference build`` start their local Ray cluster on a thread while they
+import torch and check their inputs (:func:`aapo_ray.launch.start_ray_early`); their ``init_ray`` then waits for
+that start.
 
 Each case runs in a process of its own: the early start changes that process's environment and starts a
 cluster there. Where the time goes: ``benchmarks/startup.py`` (its ``cold_late_ray`` arm is the start as before).
@@ -8,6 +9,7 @@ cluster there. Where the time goes: ``benchmarks/startup.py`` (its ``cold_late_r
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -108,3 +110,26 @@ def test_the_console_scripts_commands_that_start_a_local_cluster_start_it_before
         ["check-config", None, False], ["train", None, False], ["eval", None, False], ["eval", "exit 2", None],
         ["train", [None, None, "aapo", 1], False], ["eval", [None, None, "aapo-eval", 1], False],
         ["reference", [None, None, "aapo", 2], False], ["serve", [None, None, "aapo", 3], False], ["serve", None, False]]
+
+
+def test_a_bad_model_path_is_the_last_line_printed_and_no_ray_process_outlives_the_command(tmp_path):
+    """The script started its cluster while the driver imported and then found the bad path: that cluster is shut
+    down before the traceback is printed, so the error stays the last line, and nothing of it lingers."""
+    missing = tmp_path / "missing"
+    proc = subprocess.Popen([sys.executable, "-m", "aapo_ray", "train", f"model.path={missing}"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 1, err[-3000:]
+    assert "Started a local Ray instance" in err  # the early start did start one
+    assert err.strip().splitlines()[-1].startswith(f"FileNotFoundError: model.path={missing}: no such directory")
+    deadline = time.time() + 30
+    while (left := [p for p in psutil.process_iter() if _session_of(p) == proc.pid]) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not left, [p.pid for p in left]
+
+
+def _session_of(p: psutil.Process) -> int | None:
+    try:
+        return os.getsid(p.pid)
+    except (ProcessLookupError, PermissionError):
+        return None
