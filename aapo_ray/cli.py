@@ -69,13 +69,11 @@ def run() -> NoReturn:
     interpreter's teardown. A finished run has closed its logs, checkpoints and actors; what is left is
     Ray's local cluster, shut down here as its exit hook would, and the finalisation of torch and the other
     modules, which takes 1-2 s on 2 cores and saves nothing. An exception propagates as usual (traceback,
-    normal exit), once the local cluster is down: its traceback is the last thing printed."""
-    try:
-        code = main(start_ray_early=True, imports_without_gc=True)
-    finally:
-        launch = sys.modules.get("aapo_ray.launch")  # imported only by the commands that start or join Ray
-        if launch is not None:
-            launch.shutdown_ray()  # also one still starting (an interrupt or a bad input while the runner imported)
+    normal exit)."""
+    code = main(start_ray_early=True, imports_without_gc=True)
+    launch = sys.modules.get("aapo_ray.launch")  # imported only by the commands that start or join Ray
+    if launch is not None:
+        launch.shutdown_ray()  # also one still starting (an interrupt while the runner imported)
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -95,11 +95,13 @@ class _EarlyStart:
 _early: _EarlyStart | None = None
 
 
-class _NoThreadWarning(logging.Filter):
-    """Drops Ray's warning that a ray.init off the main thread sets no SIGTERM handler: start_ray_early sets it."""
+class _EarlyStartLogFilter(logging.Filter):
+    """Drops two of Ray's log lines from the early start's ray.init: its warning that a ray.init off the main
+    thread sets no SIGTERM handler (start_ray_early sets it), and its "Started a local Ray instance", which would
+    come whenever the start finishes, after an error the command printed meanwhile."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("SIGTERM handler is not set")
+        return not record.getMessage().startswith(("SIGTERM handler is not set", "Started a local Ray instance"))
 
 
 def start_ray_early(address: str | None = None, *, num_cpus: int | None = None, namespace: str = "aapo",
@@ -130,7 +132,7 @@ def start_ray_early(address: str | None = None, *, num_cpus: int | None = None, 
 def _start_in_thread(early: _EarlyStart) -> None:
     address, num_cpus, namespace, torch_threads = early.args
     ray_worker_log = logging.getLogger(ray._private.worker.__name__)
-    quiet = _NoThreadWarning()
+    quiet = _EarlyStartLogFilter()
     ray_worker_log.addFilter(quiet)
     try:
         init_ray(address, num_cpus=num_cpus, namespace=namespace, torch_threads=torch_threads)

@@ -118,10 +118,18 @@ def test_a_bad_model_path_is_the_last_line_printed_and_no_ray_process_outlives_t
     missing = tmp_path / "missing"
     proc = subprocess.Popen([sys.executable, "-m", "aapo_ray", "train", f"model.path={missing}"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+    started = set()  # the early start did start a cluster
+    while proc.poll() is None:
+        try:
+            started.update(c.name() for c in psutil.Process(proc.pid).children(recursive=True))
+        except psutil.NoSuchProcess:
+            pass
+        time.sleep(0.1)
     _, err = proc.communicate(timeout=180)
     assert proc.returncode == 1, err[-3000:]
-    assert "Started a local Ray instance" in err  # the early start did start one
+    assert {"gcs_server", "raylet"} <= started, started
     assert err.strip().splitlines()[-1].startswith(f"FileNotFoundError: model.path={missing}: no such directory")
+    assert "Started a local Ray instance" not in err  # the early start's ray.init says nothing after the error
     deadline = time.time() + 30
     while (left := [p for p in psutil.process_iter() if _session_of(p) == proc.pid]) and time.time() < deadline:
         time.sleep(0.5)
