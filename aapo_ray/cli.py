@@ -16,8 +16,7 @@ from typing import Callable, NoReturn
 from aapo_ray import import_gc
 from aapo_ray.cli_args import add_parsers
 from aapo_ray.commands import COMMANDS
-from aapo_ray.config import ConfigError, load_config
-from aapo_ray.eval_sets import EvalInputError
+from aapo_ray.config import ConfigError, InputError, load_config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,7 +55,7 @@ def main(argv: list[str] | None = None, *, start_ray_early: bool = False, import
     except ConfigError as exc:
         print(f"aapo: {exc}", file=sys.stderr)
         return 2
-    except EvalInputError as exc:  # from a command's light checks (cli_args)
+    except InputError as exc:  # from a command's light checks (cli_args)
         print(f"aapo {args.command}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

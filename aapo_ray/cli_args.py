@@ -4,20 +4,21 @@ mistyped flag answer at once. What runs a command is named in :data:`aapo_ray.co
 imported by :mod:`aapo_ray.cli` only after its arguments parsed, and (``config_source``) after the config
 they name validated (:func:`aapo_ray.config.config_source`), so a mistyped config key fails as fast. A command
 whose parser sets ``ray_cluster`` (``train``, ``eval``, ``reference build``, ``serve``) has the ``aapo`` script start
-the local Ray cluster it will ask for while its runner imports (:func:`aapo_ray.launch.start_ray_early`); ``light_checks`` (``eval``) run
-before that, so a mistyped flag fails as fast."""
+the local Ray cluster it will ask for while its runner imports (:func:`aapo_ray.launch.start_ray_early`);
+``light_checks`` (``eval``, ``serve``) run before that, so a mistyped flag or model directory fails as fast."""
 
 from __future__ import annotations
 
 import argparse
 import types
 import typing
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel
 
 from aapo_ray.commands import help_line
-from aapo_ray.config import config_source
+from aapo_ray.config import InputError, config_source
 from aapo_ray.eval_sets import BENCHMARKS, EVAL_DEFAULTS, MAX_SAMPLES, PAPER_PROTOCOL, parse_benchmarks, settings_from
 from aapo_ray.serve_options import DeploymentOptions, ServeOptions
 
@@ -85,6 +86,14 @@ def serve_ray_cluster(args: argparse.Namespace, cfg=None) -> dict:
     return dict(address=args.address, num_cpus=None, namespace="aapo", torch_threads=args.torch_threads)
 
 
+def check_serve_args(args: argparse.Namespace) -> None:
+    """``aapo serve``'s light check, run by :func:`aapo_ray.cli.main` before a cluster starts or the runner imports:
+    its model is a directory (:class:`~aapo_ray.config.InputError`; what the directory holds is checked after the
+    imports, by :func:`aapo_ray.checkpoint.resolve_model_dir`)."""
+    if not Path(args.model).expanduser().is_dir():
+        raise InputError(f"{args.model}: no such directory (want a run directory or a HF model directory)")
+
+
 def check_eval_args(args: argparse.Namespace) -> None:
     """``aapo eval``'s light checks, run by :func:`aapo_ray.cli.main` before a cluster starts or the runner
     imports: the sampling settings and the ``--benchmarks`` list (:class:`~aapo_ray.eval_sets.EvalInputError`).
@@ -135,7 +144,7 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--address", help="join a Ray cluster ('auto', ray://host:10001) instead of starting one")
     _add_fields(p, DeploymentOptions, skip=("model",))
     _add_fields(p, ServeOptions, skip=("api_key_sha256",))
-    p.set_defaults(ray_cluster=serve_ray_cluster)
+    p.set_defaults(light_checks=check_serve_args, ray_cluster=serve_ray_cluster)
     return p
 
 

@@ -256,6 +256,10 @@ class ConfigError(ValueError):
     """A config that cannot run; the message names each field and the fix."""
 
 
+class InputError(ValueError):
+    """A command's argument refused before anything starts: ``aapo CMD: message``, exit status 2."""
+
+
 def _field_names(model: type[BaseModel], path: tuple) -> list[str]:
     for key in path:
         field = model.model_fields.get(str(key))

@@ -32,6 +32,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from aapo_ray.config import InputError
 from aapo_ray.data import PromptDataset, load_prompt_dataset
 
 DATA_DIR = Path(__file__).resolve().parent / "eval_data"
@@ -70,7 +71,7 @@ MAX_SAMPLES = 1024  # largest k of ``aapo eval --samples``
 log = logging.getLogger(__name__)
 
 
-class EvalInputError(ValueError):
+class EvalInputError(InputError):
     """Bad input to ``aapo eval`` found before anything starts (exit status 2)."""
 
 

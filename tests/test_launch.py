@@ -76,7 +76,7 @@ def test_the_early_start_is_the_clusters_start_and_outlives_its_thread():
 
 
 CLI_WIRING = r"""
-import json, sys
+import json, sys, tempfile
 import aapo_ray.cli as cli
 
 seen = []
@@ -87,10 +87,11 @@ def runner(args):  # stands in for the command's runner, which imports torch and
     return 0
 
 cli.command_runner = lambda args, **kwargs: runner
+model = tempfile.mkdtemp()  # serve's light check wants a directory (what it holds is checked by its runner)
 cases = ((["check-config"], True), (["train", "run.steps=1"], False), (["eval", "m", "--address", "auto"], True),
          (["eval", "m", "--benchmarks", "nosuch"], True), (["train", "run.steps=1"], True), (["eval", "m"], True),
-         (["reference", "build", "run.torch_threads=2"], True), (["serve", "m", "--torch-threads", "3"], True),
-         (["serve", "m", "--address", "auto"], True))
+         (["reference", "build", "run.torch_threads=2"], True), (["serve", model, "--torch-threads", "3"], True),
+         (["serve", model, "--address", "auto"], True), (["serve", model + "-mistyped"], True))
 for argv, early in cases:
     if cli.main(argv, start_ray_early=early) == 2:  # a mistyped flag: refused before any cluster starts
         launch = sys.modules.get("aapo_ray.launch")
@@ -109,7 +110,8 @@ def test_the_console_scripts_commands_that_start_a_local_cluster_start_it_before
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == [
         ["check-config", None, False], ["train", None, False], ["eval", None, False], ["eval", "exit 2", None],
         ["train", [None, None, "aapo", 1], False], ["eval", [None, None, "aapo-eval", 1], False],
-        ["reference", [None, None, "aapo", 2], False], ["serve", [None, None, "aapo", 3], False], ["serve", None, False]]
+        ["reference", [None, None, "aapo", 2], False], ["serve", [None, None, "aapo", 3], False], ["serve", None, False],
+        ["serve", "exit 2", None]]
 
 
 def test_a_bad_model_path_is_the_last_line_printed_and_no_ray_process_outlives_the_command(tmp_path):
