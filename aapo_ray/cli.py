@@ -44,10 +44,10 @@ def main(argv: list[str] | None = None, *, start_ray_early: bool = False, import
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        if checks := getattr(args, "light_checks", None):  # bad arguments, before any heavy import or cluster
-            checks(args)
         source = getattr(args, "config_source", None)
         cfg = load_config(*source(args)) if source else None  # the config's own errors, before any heavy import
+        if checks := getattr(args, "light_checks", None):  # bad arguments, before any heavy import or cluster
+            checks(args, cfg)
         cluster = getattr(args, "ray_cluster", None)
         if start_ray_early and cluster and (init_args := cluster(args, cfg)) is not None:
             importlib.import_module("aapo_ray.launch").start_ray_early(**init_args)  # light: ray, not torch

@@ -5,7 +5,7 @@ imported by :mod:`aapo_ray.cli` only after its arguments parsed, and (``config_s
 they name validated (:func:`aapo_ray.config.config_source`), so a mistyped config key fails as fast. A command
 whose parser sets ``ray_cluster`` (``train``, ``eval``, ``reference build``, ``serve``) has the ``aapo`` script start
 the local Ray cluster it will ask for while its runner imports (:func:`aapo_ray.launch.start_ray_early`);
-``light_checks`` (``eval``, ``serve``) run before that, so a mistyped flag or model directory fails as fast."""
+``light_checks`` (a mistyped model directory; ``eval``'s flags) run before that, so those fail as fast."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from typing import Literal
 from pydantic import BaseModel
 
 from aapo_ray.commands import help_line
-from aapo_ray.config import InputError, config_source
+from aapo_ray.config import InputError, config_source, missing_model_dir
 from aapo_ray.eval_sets import BENCHMARKS, EVAL_DEFAULTS, MAX_SAMPLES, PAPER_PROTOCOL, parse_benchmarks, settings_from
 from aapo_ray.serve_options import DeploymentOptions, ServeOptions
 
@@ -57,7 +57,7 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
                               "those an earlier run left (ray.keep_roles=true)")
     train_p.add_argument("--run-dir", help="run directory (default: run.output_dir/run.name or a time stamp)")
     train_p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
-    train_p.set_defaults(config_source=config_source, ray_cluster=train_ray_cluster)
+    train_p.set_defaults(config_source=config_source, light_checks=check_model_path, ray_cluster=train_ray_cluster)
     return train_p
 
 
@@ -86,7 +86,15 @@ def serve_ray_cluster(args: argparse.Namespace, cfg=None) -> dict:
     return dict(address=args.address, num_cpus=None, namespace="aapo", torch_threads=args.torch_threads)
 
 
-def check_serve_args(args: argparse.Namespace) -> None:
+def check_model_path(args: argparse.Namespace, cfg) -> None:  # noqa: ARG001 - every parser's light_checks take both
+    """``aapo train``'s and ``aapo reference build``'s light check, run by :func:`aapo_ray.cli.main` once the config
+    parsed, before a cluster starts or the runner imports: a local ``model.path`` is a directory
+    (:func:`aapo_ray.config.missing_model_dir`; what it holds is checked after the imports)."""
+    if why := missing_model_dir(cfg.model.path):
+        raise InputError(why)
+
+
+def check_serve_args(args: argparse.Namespace, cfg=None) -> None:  # noqa: ARG001
     """``aapo serve``'s light check, run by :func:`aapo_ray.cli.main` before a cluster starts or the runner imports:
     its model is a directory (:class:`~aapo_ray.config.InputError`; what the directory holds is checked after the
     imports, by :func:`aapo_ray.checkpoint.resolve_model_dir`)."""
@@ -94,7 +102,7 @@ def check_serve_args(args: argparse.Namespace) -> None:
         raise InputError(f"{args.model}: no such directory (want a run directory or a HF model directory)")
 
 
-def check_eval_args(args: argparse.Namespace) -> None:
+def check_eval_args(args: argparse.Namespace, cfg=None) -> None:  # noqa: ARG001
     """``aapo eval``'s light checks, run by :func:`aapo_ray.cli.main` before a cluster starts or the runner
     imports: the sampling settings and the ``--benchmarks`` list (:class:`~aapo_ray.eval_sets.EvalInputError`).
     :func:`aapo_ray.eval_cmd.run` makes them again for its own callers, and warns of paper-protocol overrides."""
@@ -275,4 +283,4 @@ def add_reference_parser(sub) -> None:
     build.add_argument("--config", help="YAML config file (the training run's)")
     build.add_argument("--address", help="join an existing Ray cluster ('auto', ray://host:10001)")
     build.add_argument("--no-progress", action="store_true", help="no progress bar")
-    build.set_defaults(config_source=config_source, ray_cluster=run_ray_cluster)
+    build.set_defaults(config_source=config_source, light_checks=check_model_path, ray_cluster=run_ray_cluster)

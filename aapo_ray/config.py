@@ -260,6 +260,16 @@ class InputError(ValueError):
     """A command's argument refused before anything starts: ``aapo CMD: message``, exit status 2."""
 
 
+def missing_model_dir(path: str) -> str | None:
+    """Why ``model.path`` ``path`` cannot load (a local path with no directory there), or None. A name that is
+    no local path (its parent is no directory either) passes, for the loader to resolve or refuse."""
+    local = Path(path).expanduser()
+    if path == EMBEDDED_MODEL or local.is_dir() or not (path.startswith((".", "/", "~")) or local.parent.is_dir()):
+        return None
+    return (f"model.path={path}: no such directory; point it at a local HF model directory (config.json + "
+            "*.safetensors + tokenizer files)")
+
+
 def _field_names(model: type[BaseModel], path: tuple) -> list[str]:
     for key in path:
         field = model.model_fields.get(str(key))

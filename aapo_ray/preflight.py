@@ -15,7 +15,7 @@ from transformers import AutoTokenizer
 
 from aapo_ray.algo import get_estimator
 from aapo_ray.colocation import check_colocate, role_cpus
-from aapo_ray.config import EMBEDDED_MODEL, Config, ConfigError, load_config
+from aapo_ray.config import EMBEDDED_MODEL, Config, ConfigError, load_config, missing_model_dir
 from aapo_ray.data import load_prompt_dataset, render_prompts
 from aapo_ray.embedded import default_model_path, model_identity
 from aapo_ray.launch import cluster_address
@@ -56,10 +56,9 @@ def resolve_model_path(cfg: Config) -> str:
     """``model.path``, or the embedded tiny default (built and warm-started once, then cached)."""
     if cfg.model.path == EMBEDDED_MODEL:
         return str(default_model_path())
+    if why := missing_model_dir(cfg.model.path):
+        raise FileNotFoundError(why)
     path = Path(cfg.model.path).expanduser()
-    if not path.is_dir() and (cfg.model.path.startswith((".", "/", "~")) or path.parent.is_dir()):
-        raise FileNotFoundError(f"model.path={cfg.model.path}: no such directory; point it at a local "
-                                f"HF model directory (config.json + *.safetensors + tokenizer files)")
     return str(path) if path.is_dir() else cfg.model.path
 
 

@@ -91,7 +91,8 @@ model = tempfile.mkdtemp()  # serve's light check wants a directory (what it hol
 cases = ((["check-config"], True), (["train", "run.steps=1"], False), (["eval", "m", "--address", "auto"], True),
          (["eval", "m", "--benchmarks", "nosuch"], True), (["train", "run.steps=1"], True), (["eval", "m"], True),
          (["reference", "build", "run.torch_threads=2"], True), (["serve", model, "--torch-threads", "3"], True),
-         (["serve", model, "--address", "auto"], True), (["serve", model + "-mistyped"], True))
+         (["serve", model, "--address", "auto"], True), (["serve", model + "-mistyped"], True),
+         (["train", f"model.path={model}-mistyped"], True), (["reference", "build", f"model.path={model}-mistyped"], True))
 for argv, early in cases:
     if cli.main(argv, start_ray_early=early) == 2:  # a mistyped flag: refused before any cluster starts
         launch = sys.modules.get("aapo_ray.launch")
@@ -111,15 +112,17 @@ def test_the_console_scripts_commands_that_start_a_local_cluster_start_it_before
         ["check-config", None, False], ["train", None, False], ["eval", None, False], ["eval", "exit 2", None],
         ["train", [None, None, "aapo", 1], False], ["eval", [None, None, "aapo-eval", 1], False],
         ["reference", [None, None, "aapo", 2], False], ["serve", [None, None, "aapo", 3], False], ["serve", None, False],
-        ["serve", "exit 2", None]]
+        ["serve", "exit 2", None], ["train", "exit 2", None], ["reference", "exit 2", None]]
 
 
-def test_a_bad_model_path_is_the_last_line_printed_and_no_ray_process_outlives_the_command(tmp_path):
-    """The script started its cluster while the driver imported and then found the bad path: that cluster is shut
-    down before the traceback is printed, so the error stays the last line, and nothing of it lingers."""
-    missing = tmp_path / "missing"
-    proc = subprocess.Popen([sys.executable, "-m", "aapo_ray", "train", f"model.path={missing}"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+def test_an_input_error_found_after_the_early_start_is_the_last_line_and_no_ray_process_outlives_it(tiny_model_path,
+                                                                                                    tmp_path):
+    """The script started its cluster while the driver imported, then the driver found a missing prompts file: the
+    error stays the last line (the early start's ray.init logs nothing when it finishes), and nothing lingers."""
+    missing = tmp_path / "missing.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "aapo_ray", "train", f"model.path={tiny_model_path}",
+                             f"data.train={missing}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     started = set()  # the early start did start a cluster
     while proc.poll() is None:
         try:
@@ -130,7 +133,7 @@ def test_a_bad_model_path_is_the_last_line_printed_and_no_ray_process_outlives_t
     _, err = proc.communicate(timeout=180)
     assert proc.returncode == 1, err[-3000:]
     assert {"gcs_server", "raylet"} <= started, started
-    assert err.strip().splitlines()[-1].startswith(f"FileNotFoundError: model.path={missing}: no such directory")
+    assert err.strip().splitlines()[-1] == f"FileNotFoundError: prompt data source '{missing}' does not exist"
     assert "Started a local Ray instance" not in err  # the early start's ray.init says nothing after the error
     deadline = time.time() + 30
     while (left := [p for p in psutil.process_iter() if _session_of(p) == proc.pid]) and time.time() < deadline:

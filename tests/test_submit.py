@@ -183,6 +183,6 @@ def test_submit_reports_a_failed_job(ray_head, tmp_path):
     assert result.returncode == 1, text[-4000:]
     assert "config OK" in result.stdout  # valid here: the path only fails on the cluster
     assert re.search(r"job \S+ FAILED", result.stderr), text[-4000:]
-    assert "/nonexistent/model" in result.stdout  # the driver's traceback, streamed from the job's log
+    assert "/nonexistent/model" in result.stdout  # the driver's error, streamed from the job's log
     summary = result.stderr[result.stderr.index("FAILED"):]
-    assert "exit code 1" in summary and "error: " in summary and "/nonexistent/model" in summary
+    assert "exit code 2" in summary and "error: aapo train: model.path=/nonexistent/model: no such directory" in summary
