@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from aapo_ray.config import missing_run_or_model_dir
+
 log = logging.getLogger(__name__)
 STATE = "state.json"
 
@@ -92,9 +94,9 @@ def resolve_model_dir(path: str | os.PathLike, checkpoint: str | None = None) ->
     ``state.json``) or of ``checkpoint`` (``step_N``, ``step_000N`` or ``N``). A checkpoint
     directory (``.../step_N``) serves its ``hf/``. The name is the run / model directory's name.
     """
+    if why := missing_run_or_model_dir(path):
+        raise FileNotFoundError(why)
     p = Path(path).expanduser().resolve()
-    if not p.is_dir():
-        raise FileNotFoundError(f"{path}: no such directory (want a run directory or a HF model directory)")
     root = checkpoints_root(p)
     if checkpoint is None and (p / "config.json").is_file():
         return p, p.name

@@ -12,13 +12,12 @@ from __future__ import annotations
 import argparse
 import types
 import typing
-from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel
 
 from aapo_ray.commands import help_line
-from aapo_ray.config import InputError, config_source, missing_model_dir
+from aapo_ray.config import InputError, config_source, missing_model_dir, missing_run_or_model_dir, ray_init_args
 from aapo_ray.eval_sets import BENCHMARKS, EVAL_DEFAULTS, MAX_SAMPLES, PAPER_PROTOCOL, parse_benchmarks, settings_from
 from aapo_ray.serve_options import DeploymentOptions, ServeOptions
 
@@ -66,12 +65,9 @@ def train_ray_cluster(args: argparse.Namespace, cfg) -> dict | None:
     return None if cfg.ray.keep_roles else run_ray_cluster(args, cfg)
 
 
-def run_ray_cluster(args: argparse.Namespace, cfg) -> dict:
-    """:func:`~aapo_ray.launch.init_ray`'s arguments for a run of ``cfg``, which the ``aapo`` script starts early:
-    ``aapo reference build`` passes these (:func:`aapo_ray.reference_build.run`), the training driver the same
-    values (:func:`aapo_ray.driver.train`)."""
-    return dict(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus, namespace=cfg.ray.namespace,
-                torch_threads=cfg.run.torch_threads)
+def run_ray_cluster(args: argparse.Namespace, cfg) -> dict:  # noqa: ARG001 - every parser's ray_cluster takes both
+    """:func:`aapo_ray.config.ray_init_args`, which the driver and ``aapo reference build`` pass to ``init_ray``."""
+    return ray_init_args(cfg)
 
 
 def eval_ray_cluster(args: argparse.Namespace, cfg=None) -> dict:
@@ -98,8 +94,8 @@ def check_serve_args(args: argparse.Namespace, cfg=None) -> None:  # noqa: ARG00
     """``aapo serve``'s light check, run by :func:`aapo_ray.cli.main` before a cluster starts or the runner imports:
     its model is a directory (:class:`~aapo_ray.config.InputError`; what the directory holds is checked after the
     imports, by :func:`aapo_ray.checkpoint.resolve_model_dir`)."""
-    if not Path(args.model).expanduser().is_dir():
-        raise InputError(f"{args.model}: no such directory (want a run directory or a HF model directory)")
+    if why := missing_run_or_model_dir(args.model):
+        raise InputError(why)
 
 
 def check_eval_args(args: argparse.Namespace, cfg=None) -> None:  # noqa: ARG001

@@ -260,6 +260,21 @@ class InputError(ValueError):
     """A command's argument refused before anything starts: ``aapo CMD: message``, exit status 2."""
 
 
+def ray_init_args(cfg: Config) -> dict:
+    """:func:`aapo_ray.launch.init_ray`'s arguments for a run of ``cfg`` (the training driver's, ``aapo reference
+    build``'s, and what the ``aapo`` script starts early for them: :mod:`aapo_ray.cli_args`)."""
+    return dict(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus, namespace=cfg.ray.namespace,
+                torch_threads=cfg.run.torch_threads)
+
+
+def missing_run_or_model_dir(path: str | os.PathLike) -> str | None:
+    """Why ``path`` cannot be served or evaluated (it is no directory), or None; what it holds is
+    :func:`aapo_ray.checkpoint.resolve_model_dir`'s to check."""
+    if Path(path).expanduser().is_dir():
+        return None
+    return f"{path}: no such directory (want a run directory or a HF model directory)"
+
+
 def missing_model_dir(path: str) -> str | None:
     """Why ``model.path`` ``path`` cannot load (a local path with no directory there), or None. A name that is
     no local path (its parent is no directory either) passes, for the loader to resolve or refuse."""

@@ -20,7 +20,7 @@ from aapo_ray import checkpoint as ckpt
 from aapo_ray.algo import advantage_diagnostics, get_estimator, gpg_alpha, loss_weights
 from aapo_ray.collect import async_start, finish, gpg_topup
 from aapo_ray.colocation import CoLocated, colocate_mode
-from aapo_ray.config import Config, dump_config
+from aapo_ray.config import Config, dump_config, ray_init_args
 from aapo_ray.data import PromptSampler
 from aapo_ray.evaluation import evaluate
 from aapo_ray.generator import GeneratorPool
@@ -62,7 +62,7 @@ def train(cfg: Config, *, run_dir: str | Path | None = None, resume: bool = Fals
     if resume and ckpt.latest_checkpoint(run_dir) is None:
         raise FileNotFoundError(f"--resume {run_dir}: no complete checkpoint under {ckpt.checkpoints_root(run_dir)}")
     started = time.perf_counter()
-    init_ray(cfg.ray.address, num_cpus=cfg.ray.num_cpus, namespace=cfg.ray.namespace, torch_threads=cfg.run.torch_threads)
+    init_ray(**ray_init_args(cfg))  # started early by the `aapo` script: aapo_ray.launch.start_ray_early
     startup = {"time/ray_init_s": time.perf_counter() - started}  # the wait for it, where it started early
     check_cluster_fits(cfg)
     sampler = PromptSampler(train_prompts.num_rows, cfg.rollout.prompts_per_step, seed=cfg.run.seed)

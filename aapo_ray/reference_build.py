@@ -38,8 +38,7 @@ import ray
 from tqdm.auto import tqdm
 
 from aapo_ray.batch_inference import BackendSampler
-from aapo_ray.cli_args import run_ray_cluster
-from aapo_ray.config import Config, config_source
+from aapo_ray.config import Config, config_source, ray_init_args
 from aapo_ray.launch import init_ray
 from aapo_ray.preflight import check_reference_cache, load_checked_config, load_prompts, resolve_model_path
 from aapo_ray.reference_cache import ReferenceCache, cache_dir, check_manifest, shard_name, write_manifest
@@ -165,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
     model_path = resolve_model_path(cfg)
     prompts, _ = load_prompts(cfg, model_path)
     expected = check_reference_cache(cfg, model_path, prompts)  # a mismatching cache fails before any actor starts
-    init_ray(**run_ray_cluster(args, cfg))  # started early by the `aapo` script: aapo_ray.launch.start_ray_early
+    init_ray(**ray_init_args(cfg))  # started early by the `aapo` script: aapo_ray.launch.start_ray_early
     path = build_reference_cache(cfg, model_path, prompts, expected, progress=not args.no_progress)
     print(f"reference cache: {path} ({prompts.num_rows} prompts x {cfg.algo.reference_samples} samples)")
     return 0
