@@ -38,7 +38,7 @@ def _wait_for_step(run_dir, proc, step, timeout=600):
     pytest.fail("run did not reach step %d" % step)
 
 
-def _session_processes(sid):
+def session_processes(sid):
     alive = []
     for p in psutil.process_iter(["pid"]):
         try:
@@ -86,14 +86,14 @@ def test_driver_killed_or_interrupted_then_resumed(tiny_model_path, tmp_path, ho
         done = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*") if (p / "state.json").exists())
         assert done[-1] == f"step_{logged:06d}" or "during a learner update" in out, (done, logged, out[-2000:])
         deadline = time.time() + 60
-        while _session_processes(sid) and time.time() < deadline:  # Ray's processes shut down with the driver
+        while session_processes(sid) and time.time() < deadline:  # Ray's processes shut down with the driver
             time.sleep(0.5)
-        assert not _session_processes(sid)
+        assert not session_processes(sid)
     resumed = _aapo("--resume", str(run_dir))
     out, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, out[-3000:]
     assert steps_of(run_dir) == list(range(7))
     staleness = [r["rollout/staleness_max"] for r in read_metrics(run_dir)[1:]]
     assert max(staleness) == overlap and staleness[3] == 0  # step 4, the first after the resume, is fresh
-    for p in _session_processes(sid):  # nothing of the killed run may linger
+    for p in session_processes(sid):  # nothing of the killed run may linger
         p.kill()

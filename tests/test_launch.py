@@ -9,12 +9,13 @@ cluster there. Where the time goes: ``benchmarks/startup.py`` (its ``cold_late_r
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
 
 import psutil
+
+from test_driver_faults import session_processes
 
 EARLY_START = r"""
 import json, os, sys, threading, time
@@ -136,13 +137,6 @@ def test_an_input_error_found_after_the_early_start_is_the_last_line_and_no_ray_
     assert err.strip().splitlines()[-1] == f"FileNotFoundError: prompt data source '{missing}' does not exist"
     assert "Started a local Ray instance" not in err  # the early start's ray.init says nothing after the error
     deadline = time.time() + 30
-    while (left := [p for p in psutil.process_iter() if _session_of(p) == proc.pid]) and time.time() < deadline:
+    while (left := session_processes(proc.pid)) and time.time() < deadline:
         time.sleep(0.5)
     assert not left, [p.pid for p in left]
-
-
-def _session_of(p: psutil.Process) -> int | None:
-    try:
-        return os.getsid(p.pid)
-    except (ProcessLookupError, PermissionError):
-        return None
