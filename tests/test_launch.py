@@ -79,11 +79,15 @@ def test_the_early_start_is_the_clusters_start_and_outlives_its_thread():
 CLI_WIRING = r"""
 import json, sys, tempfile
 import aapo_ray.cli as cli
+import aapo_ray.launch as launch
+
+# what each command starts early, and when, is what this checks: the start thread records its arguments and starts
+# no cluster (a real one per case cost ~20 CPU-s; the thread's real start is checked by the tests above and below)
+launch._start_in_thread = lambda early: early.done.set()
 
 seen = []
 def runner(args):  # stands in for the command's runner, which imports torch and the driver
-    launch = sys.modules.get("aapo_ray.launch")
-    early = launch and launch._early  # the local cluster started early, with its init_ray arguments
+    early = launch._early  # the local cluster started early, with its init_ray arguments
     seen.append([args.command, early.args if early else None, "torch" in sys.modules])
     return 0
 
@@ -96,10 +100,8 @@ cases = ((["check-config"], True), (["train", "run.steps=1"], False), (["eval", 
          (["train", f"model.path={model}-mistyped"], True), (["reference", "build", f"model.path={model}-mistyped"], True))
 for argv, early in cases:
     if cli.main(argv, start_ray_early=early) == 2:  # a mistyped flag: refused before any cluster starts
-        launch = sys.modules.get("aapo_ray.launch")
-        seen.append([argv[0], "exit 2", launch and launch._early and launch._early.args])
-    launch = sys.modules.get("aapo_ray.launch")
-    if launch and launch._early:
+        seen.append([argv[0], "exit 2", launch._early and launch._early.args])
+    if launch._early:
         launch.shutdown_ray()
         launch._early = None  # the next case may start afresh
 print(json.dumps(seen))
