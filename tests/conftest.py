@@ -21,7 +21,7 @@ os.environ.setdefault("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", "60")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 ENVIRON_AT_START = dict(os.environ)  # before any test started a cluster (tests/test_roles.py)
 
-# Seconds each test file takes on one of 2 workers (2-core VM, 2026-12-03, one full run at 16:44, setup and
+# Seconds each test file takes on one of 2 workers (2-core VM, 2026-12-04, one full run at 19:54, setup and
 # teardown included). `--dist loadfile` hands whole files to the workers in collection order (pyproject
 # turns off xdist's own order, most tests first), so the longest go first and the run does not end on
 # one worker while the other idles (xdist's order put the three driver and fault files last: on these
@@ -29,14 +29,14 @@ ENVIRON_AT_START = dict(os.environ)  # before any test started a cluster (tests/
 # out last: tests/test_architecture.py checks none is.
 # `--file-seconds` prints a run's own figures in this form.
 FILE_SECONDS = {
-    "test_faults.py": 197, "test_driver_faults.py": 192, "test_learner.py": 141, "test_eval.py": 139,
-    "test_colocation.py": 124, "test_models.py": 121, "test_submit.py": 100, "test_reference_cache.py": 77,
-    "test_kept_roles.py": 63, "test_serve.py": 62, "test_roles.py": 61, "test_serve_logprobs.py": 58,
-    "test_eval_cluster.py": 57, "test_secure_defaults.py": 43, "test_launch.py": 20, "test_driver.py": 42, "test_sglang_backend.py": 32,
-    "test_architecture.py": 29, "test_memory_plan.py": 24, "test_reward.py": 23, "test_logprobs.py": 21,
-    "test_bad_input.py": 10, "test_sglang_contract.py": 8, "test_cluster.py": 7, "test_serve_offline.py": 4,
-    "test_serve_continuous.py": 3, "test_config.py": 2, "test_algo.py": 2, "test_benchmarks.py": 1,
-    "test_compare.py": 1, "test_rollout.py": 1, "test_data.py": 0,
+    "test_eval.py": 123, "test_driver_faults.py": 113, "test_faults.py": 108, "test_learner.py": 81,
+    "test_models.py": 78, "test_colocation.py": 55, "test_submit.py": 52, "test_secure_defaults.py": 47,
+    "test_eval_cluster.py": 45, "test_roles.py": 44, "test_kept_roles.py": 44, "test_serve.py": 40,
+    "test_serve_logprobs.py": 37, "test_reference_cache.py": 36, "test_driver.py": 35, "test_launch.py": 29,
+    "test_architecture.py": 20, "test_reward.py": 19, "test_logprobs.py": 16, "test_memory_plan.py": 16,
+    "test_sglang_backend.py": 15, "test_bad_input.py": 9, "test_cluster.py": 5, "test_sglang_contract.py": 5,
+    "test_serve_offline.py": 3, "test_serve_continuous.py": 3, "test_config.py": 2, "test_algo.py": 1,
+    "test_benchmarks.py": 1, "test_data.py": 1, "test_compare.py": 0, "test_rollout.py": 0,
 }
 
 
