@@ -2,8 +2,8 @@
 import torch and check their inputs (:func:`aapo_ray.launch.start_ray_early`); their ``init_ray`` then waits for
 that start.
 
-Each case runs in a process of its own: the early start changes that process's environment and starts a
-cluster there. Where the time goes: ``benchmarks/startup.py`` (its ``cold_late_ray`` arm is the start as before).
+Each case runs in a process of its own: the early start changes that process's environment and (but for the CLI
+wiring test's, which only records its arguments) starts a cluster there. Where the time goes: ``benchmarks/startup.py`` (its ``cold_late_ray`` arm is the start as before).
 """
 
 from __future__ import annotations
@@ -101,9 +101,7 @@ cases = ((["check-config"], True), (["train", "run.steps=1"], False), (["eval", 
 for argv, early in cases:
     if cli.main(argv, start_ray_early=early) == 2:  # a mistyped flag: refused before any cluster starts
         seen.append([argv[0], "exit 2", launch._early and launch._early.args])
-    if launch._early:
-        launch.shutdown_ray()
-        launch._early = None  # the next case may start afresh
+    launch._early = None  # the next case may start afresh (no cluster to stop: see _start_in_thread above)
 print(json.dumps(seen))
 """
 
