@@ -3,7 +3,8 @@ import torch and check their inputs (:func:`aapo_ray.launch.start_ray_early`); t
 that start.
 
 Each case runs in a process of its own: the early start changes that process's environment and (but for the CLI
-wiring test's, which only records its arguments) starts a cluster there. Where the time goes: ``benchmarks/startup.py`` (its ``cold_late_ray`` arm is the start as before).
+wiring test's, which only records its arguments) starts a cluster there. Where the time goes:
+``benchmarks/startup.py`` (its ``cold_late_ray`` arm is the start as before).
 """
 
 from __future__ import annotations
